@@ -1,0 +1,61 @@
+"""``neurocurate`` command line.
+
+Each sub-command lives in ``pipeline/commands/<name>.py`` and exposes
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+Command modules import heavy libraries inside ``run`` so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline import __version__
+from pipeline.config import ConfigError
+from pipeline.errors import NeurocurateError
+
+# (sub-command name, module); order is the order shown in --help.
+COMMANDS: list[tuple[str, str]] = [
+    ("prep", "pipeline.commands.prep"),
+]
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+EXIT_PARTIAL = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neurocurate",
+        description="BIDS dataset -> preprocessing -> QC/curation -> shards -> MoE-JEPA pretraining -> evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"neurocurate {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS:
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args._module.run(args) or 0)
+    except (NeurocurateError, ConfigError) as exc:
+        print(f"neurocurate {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("neurocurate: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

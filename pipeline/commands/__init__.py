@@ -1,0 +1,1 @@
+"""One module per ``neurocurate`` sub-command (see :mod:`pipeline.cli`)."""

@@ -1,0 +1,1 @@
+"""Quality control: image metrics, curation table and HTML reports."""

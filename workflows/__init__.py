@@ -1,0 +1,1 @@
+"""nipype workflow factories (``init_<name>_wf``), one file per workflow."""
