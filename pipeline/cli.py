@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from pipeline import __version__
@@ -19,6 +20,12 @@ from pipeline.errors import NeurocurateError
 # (sub-command name, module); order is the order shown in --help.
 COMMANDS: list[tuple[str, str]] = [
     ("prep", "pipeline.commands.prep"),
+    ("shards", "pipeline.commands.shards"),
+    ("pretrain", "pipeline.commands.pretrain"),
+    ("qc", "pipeline.commands.qc"),
+    ("import-timeseries", "pipeline.commands.import_timeseries"),
+    ("gradients", "pipeline.commands.gradients"),
+    ("evaluate", "pipeline.commands.evaluate"),
 ]
 
 EXIT_OK = 0
@@ -43,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # nipype would otherwise ask a web service for updates at import time.
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)

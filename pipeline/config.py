@@ -83,19 +83,326 @@ class AnatConfig:
     output_resolutions: tuple[int, ...] = (2,)
     # Registration runs at this template resolution; 2 mm keeps it near 4 s.
     registration_resolution: int = 2
-    registration_metric: Literal["mattes", "MI"] = "mattes"
-    registration_iterations: tuple[int, ...] = (200, 100, 50)
-    registration_shrink_factors: tuple[int, ...] = (4, 2, 1)
-    registration_smoothing_sigmas: tuple[float, ...] = (2.0, 1.0, 0.0)
-    registration_restarts: int = 1
-    n4_shrink_factor: int = 2
+    # Mattes mutual information; GC (global correlation) is the alternative for same-contrast pairs.
+    registration_metric: Literal["mattes", "GC", "meansquares"] = "mattes"
+    registration_iterations: tuple[int, ...] = (2100, 1200, 1200, 10)
+    registration_shrink_factors: tuple[int, ...] = (6, 4, 2, 1)
+    registration_smoothing_sigmas: tuple[float, ...] = (3.0, 2.0, 1.0, 0.0)
+    registration_seed: int = 13
+    # N4 runs within a head mask at 1/4 resolution: the field is smooth, and it keeps N4 at a few seconds.
+    n4_shrink_factor: int = 4
     n4_iterations: tuple[int, ...] = (50, 50, 50, 50)
     n4_convergence: float = 1e-7
     deepbet_threshold: float = 0.5
+    # Cube the deepbet bounding box is resampled to; 192 matches 256's Dice at a third of the CPU time.
+    deepbet_shape: int = 192
     # Largest tolerated disagreement between qform and sform (mm of any corner
     # of the field of view) before we pick the sform and say so.
     qform_sform_tolerance_mm: float = 1.0
     modalities: tuple[str, ...] = ("T1w", "T2w", "FLAIR")
+
+
+@dataclass(frozen=True)
+class ShardsConfig:
+    """Zarr v3 shard writing (``neurocurate shards``).
+
+    fMRI runs are stored per atlas as ROI x time matrices (variable length,
+    ``samples_per_shard`` runs per shard file); anatomical volumes are cropped
+    or padded to ``crop_box`` on the 2 mm MNI grid, ``anat_samples_per_shard``
+    per shard file. Splits are assigned per subject from a hash of
+    ``split_seed`` and the subject label, so adding subjects never moves an
+    existing subject to another split.
+    """
+
+    shards_dir: str = ""  # "" = OUTPUT_DIR/shards
+    atlas: str = ""  # "" = every atlas in the curation table
+    samples_per_shard: int = 256
+    anat_samples_per_shard: int = 16
+    # Frames per inner zarr chunk: the unit of a partial (random-access) read;
+    # large chunks keep whole-shard reads near disk speed.
+    chunk_frames: int = 1024
+    crop_box: tuple[int, int, int] = (96, 112, 96)
+    fmri_dtype: Literal["float32", "float16"] = "float32"
+    anat_dtype: Literal["float16", "float32"] = "float16"
+    # "auto": no compression for fMRI series (zstd saves ~7% on ABIDE but reads
+    # 3x slower), zstd for anatomical volumes (mostly background).
+    compressor: Literal["auto", "zstd", "none"] = "auto"
+    compression_level: int = 1
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_seed: int = 0
+    # Frames per training run kept for the per-ROI median/IQR statistics.
+    norm_frames_per_sample: int = 32
+    workers: int = 1
+    scheduler: Literal["threads", "processes", "synchronous"] = "threads"
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Streaming loader over the shards (``pipeline.loader.ShardDataset``).
+
+    ``window_length`` frames are cropped from every fMRI run (random start in
+    training, centred in evaluation); 0 keeps whole runs. Runs shorter than
+    the window are zero-padded (``short_policy="pad"``, ``n_frames`` tells the
+    real length) or left out (``"drop"``).
+    """
+
+    window_length: int = 160
+    shuffle_buffer: int = 256
+    seed: int = 0
+    normalization: Literal["roi_robust", "none"] = "roi_robust"
+    short_policy: Literal["pad", "drop"] = "pad"
+
+
+@dataclass(frozen=True)
+class ParcellationConfig:
+    """Which atlas ROI series are extracted with.
+
+    ``atlas`` is a bundled atlas name (``Schaefer400Tian3``: Schaefer-400
+    7-network cortex + Tian S3 subcortex, 450 ROIs, 2 mm) or the path of any
+    integer-label NIfTI; ``label_table`` names its ROIs (Schaefer/Tian
+    ``_label.txt``, BIDS ``dseg.tsv`` or ``index name`` lines).
+    """
+
+    atlas: str = "Schaefer400Tian3"
+    label_table: str = ""
+
+
+@dataclass(frozen=True)
+class GradientsConfig:
+    """Diffusion-map gradients of the group functional connectome.
+
+    The connectome is the mean over subjects of Fisher-z correlations; each row
+    keeps its top ``1 - sparsity`` connections; the affinity is the
+    normalized angle between rows; diffusion maps use ``alpha`` and
+    ``diffusion_time`` (0 = Margulies scaling lambda / (1 - lambda)).
+    Gradients are ordered by descending eigenvalue; each is signed so that
+    its largest-magnitude entry is positive, or, with ``reference``, aligned
+    (Procrustes, or sign flips only) to the gradients in that TSV.
+    """
+
+    atlas: str = ""  # empty: the parcellation atlas
+    n_components: int = 30
+    sparsity: float = 0.9
+    alpha: float = 0.5
+    diffusion_time: float = 0.0
+    kernel: Literal["normalized_angle", "cosine"] = "normalized_angle"
+    reference: str = ""
+    alignment: Literal["procrustes", "sign"] = "procrustes"
+    min_subjects: int = 1
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """Import of precomputed ROI series (ABIDE PCP ``.1D``, TSV, CSV, NPY).
+
+    ``site_repetition_time`` gives the TR (s) per ``SITE_ID`` of the ABIDE
+    phenotypic file (ABIDE-I scan parameters); ``repetition_time`` > 0
+    overrides it for every file. Runs shorter than ``min_volumes`` are
+    reported (curation fails them from ``NumberOfVolumes``).
+    """
+
+    atlas_name: str = "CC200"
+    task: str = "rest"
+    repetition_time: float = 0.0
+    min_volumes: int = 100
+    site_repetition_time: dict[str, float] = field(
+        default_factory=lambda: {
+            "NYU": 2.0, "UM_1": 2.0, "UCLA_1": 3.0, "USM": 2.0, "MAX_MUN": 3.0, "TRINITY": 2.0,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class AnatQCThresholds:
+    """Curation rules for one anatomical modality (metrics in MNI space, 2 mm).
+
+    A scan fails when ANY rule fails (Neuro-JEPA's curation). A metric that
+    cannot be computed (NaN, e.g. FBER with a zero-filled background) skips
+    its rule instead of failing it. Defaults come from the four real head
+    scans of ``../shared/data/anat`` and the artifact benchmark
+    (``benchmarks/qc_artifacts.py``, reasoning in ``benchmarks/README.md``):
+    each threshold sits well outside every clean scan yet inside the range
+    the severe artifacts reach. The subclasses below hold each modality's
+    defaults so a partial ``[qc.t2w]`` table keeps the T2w values.
+    """
+
+    # Template similarity inside the template brain mask: a wrong modality,
+    # failed registration, missing tissue or a dropout slab lowers these.
+    # Clean real T1w scans: correlation 0.60-0.69, NMI 1.036-1.051, PSNR 12.9-13.9.
+    min_correlation: float = 0.55
+    min_nmi: float = 1.02
+    min_psnr: float = 11.5
+    # Fraction of the template brain with signal (crops, slab dropouts);
+    # clean scans reach >= 0.998.
+    min_brain_coverage: float = 0.99
+    # MRIQC-style IQMs. Clean T1w: SNR(WM) 19.5-27.7, CNR 2.3-2.6, CJV
+    # 0.40-0.46, WM-to-max 0.59-0.85, relative N4 field range 0.07-0.15.
+    # EFC has no rule: with zero-filled backgrounds (defaced or resampled
+    # data) it moves the wrong way when noise is added, so it is reported only.
+    min_snr: float = 16.0
+    min_cnr: float = 1.5
+    max_cjv: float = 0.48
+    min_wm2max: float = 0.45
+    max_inu_range: float = 0.4
+
+
+@dataclass(frozen=True)
+class T1wQCThresholds(AnatQCThresholds):
+    """T1w rules (see :class:`AnatQCThresholds`)."""
+
+
+@dataclass(frozen=True)
+class T2wQCThresholds(AnatQCThresholds):
+    """T2w rules; compared with the T2 template (see :class:`AnatQCThresholds`)."""
+
+
+@dataclass(frozen=True)
+class FLAIRQCThresholds(AnatQCThresholds):
+    """FLAIR rules; compared with the T2 template, no FLAIR template exists.
+
+    FLAIR's grey/white contrast is weaker than T2w's, so the contrast and
+    similarity rules are looser (no real FLAIR scan was available to tune).
+    """
+
+    min_correlation: float = 0.40
+    min_nmi: float = 1.01
+    min_cnr: float = 0.8
+    max_cjv: float = 0.9
+
+
+@dataclass(frozen=True)
+class BoldQCThresholds:
+    """Curation rules for a preprocessed BOLD run.
+
+    FD limits follow Power et al. (2012) / Parkes et al. (2018): mean FD
+    above 0.5 mm or more than 20 % of volumes above 0.2 mm is gross motion.
+    Fewer than 100 volumes is too short for the pretraining crops.
+    """
+
+    min_tsnr: float = 20.0
+    max_fd_mean: float = 0.5
+    max_fd_max: float = 5.0
+    max_fd_perc: float = 20.0
+    min_n_volumes: int = 100
+
+
+@dataclass(frozen=True)
+class TimeseriesQCThresholds:
+    """Curation rules for ROI time series (imported or preprocessed)."""
+
+    min_n_volumes: int = 100
+    max_zero_variance_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
+class QCConfig:
+    """Quality control and curation.
+
+    ``outlier_k`` and ``outlier_min_group`` set the optional robust-outlier
+    suggestion (median +/- k*MAD per modality and site, groups of at least
+    ``outlier_min_group`` scans); it is reported beside the fixed rules and
+    never changes ``qc_pass``. ``mi_bins`` is the joint-histogram size for
+    mutual information.
+    """
+
+    t1w: T1wQCThresholds = field(default_factory=T1wQCThresholds)
+    t2w: T2wQCThresholds = field(default_factory=T2wQCThresholds)
+    flair: FLAIRQCThresholds = field(default_factory=FLAIRQCThresholds)
+    bold: BoldQCThresholds = field(default_factory=BoldQCThresholds)
+    timeseries: TimeseriesQCThresholds = field(default_factory=TimeseriesQCThresholds)
+    outlier_k: float = 3.5
+    outlier_min_group: int = 5
+    mi_bins: int = 64
+
+
+@dataclass(frozen=True)
+class BoldConfig:
+    """BOLD preprocessing and denoising (``workflows.bold``).
+
+    ``dummy_scans`` < 0 detects non-steady-state volumes from the global
+    signal (at most ``max_dummy_scans``); >= 0 removes exactly that many.
+    Motion correction registers every volume rigidly to a median reference
+    of the first ``reference_volumes`` steady-state volumes, inside the
+    reference's brain mask, each fit starting from the previous volume's, with
+    a short two-level schedule (156 volumes take about a minute on one core). Runs with a T1w are registered rigidly to it
+    and reach MNI through the anatomical transform; runs without one are
+    registered to ``epi_template`` (empty: ``SPM_OldNorm_EPI_2mm.nii.gz`` or
+    ``tpl-MNI152NLin6Asym_res-02_desc-EPI_boldref.nii.gz`` in
+    ``templates.template_dir``; the bundled T2w template, with a warning,
+    when neither exists) after a centre-of-mass initialisation. Denoising
+    (``nilearn.signal.clean``) produces the ROI series only; the
+    ``desc-preproc_bold`` image stays undenoised. ``scrub_fd_threshold`` > 0
+    censors volumes above that framewise displacement (mm).
+    """
+
+    min_volumes: int = 5
+    # Header and sidecar TRs further apart than this (s) are reported.
+    tr_tolerance: float = 0.01
+    dummy_scans: int = -1
+    max_dummy_scans: int = 10
+    dummy_zscore: float = 3.5
+    reference_volumes: int = 10
+    motion_correction: bool = True
+    moco_iterations: tuple[int, ...] = (10, 10)
+    moco_shrink_factors: tuple[int, ...] = (2, 1)
+    moco_smoothing_sigmas: tuple[float, ...] = (1.0, 0.0)
+    moco_sampling_rate: float = 0.3
+    # Seeds ANTs' metric sampling so reruns give identical transforms.
+    random_seed: int = 42
+    template_transform: Literal["Rigid", "Affine"] = "Rigid"
+    epi_template: str = ""
+    fd_radius_mm: float = 50.0
+    # Denoising of the ROI series.
+    detrend: bool = True
+    high_pass: float = 0.01
+    low_pass: float = 0.1
+    motion_regressors: Literal[0, 6, 12, 24] = 24
+    wm_csf: bool = True
+    global_signal: bool = False
+    scrub_fd_threshold: float = 0.0
+    standardize: bool = False
+    # Tissue masks for the WM/CSF signals: erosions (2 mm voxels) of the
+    # k-means classes of the (subject or template) T1w in MNI space.
+    wm_erosion: int = 2
+    csf_erosion: int = 1
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Frozen-embedding evaluation against baselines (``neurocurate evaluate``).
+
+    Linear probes pick their regularisation (``logistic_cs`` / ``ridge_alphas``)
+    by ``inner_folds``-fold cross-validation grouped by subject inside each
+    training fold. Confidence intervals come from ``bootstrap_resamples``
+    subject-level bootstrap resamples; the model is compared with the best
+    baseline by a paired permutation test with ``permutations`` label-free
+    swaps of the two models' predictions. fMRI runs are embedded in up to
+    ``max_windows`` consecutive windows of the run's ``fmri.num_frames``,
+    averaged.
+    """
+
+    seed: int = 0
+    kfold: int = 5
+    inner_folds: int = 5
+    bootstrap_resamples: int = 1000
+    permutations: int = 1000
+    confidence: float = 0.95
+    few_shot_resamples: int = 5
+    logistic_cs: tuple[float, ...] = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0)
+    ridge_alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+    max_windows: int = 8
+    batch_size: int = 16
+    attentive_probe: bool = True
+    attentive_epochs: int = 60
+    attentive_lr: float = 0.001
+    attentive_weight_decay: float = 0.05
+    attentive_heads: int = 1
+    baselines: tuple[str, ...] = ("fc_pearson", "fc_tangent", "random_encoder", "intensity_pca", "cnn3d")
+    pca_components: int = 50
+    cnn_epochs: int = 20
+    cnn_channels: int = 8
+    cnn_lr: float = 0.001
+    threads: int = 1
 
 
 # --- stage sections are added above this line --------------------------------
@@ -108,6 +415,14 @@ class Config:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     templates: TemplatesConfig = field(default_factory=TemplatesConfig)
     anat: AnatConfig = field(default_factory=AnatConfig)
+    bold: BoldConfig = field(default_factory=BoldConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    parcellation: ParcellationConfig = field(default_factory=ParcellationConfig)
+    gradients: GradientsConfig = field(default_factory=GradientsConfig)
+    timeseries_import: ImportConfig = field(default_factory=ImportConfig)
+    qc: QCConfig = field(default_factory=QCConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 # --------------------------------------------------------------------------- machinery
@@ -150,7 +465,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")

@@ -1,0 +1,181 @@
+"""Run the participant level on nipype's own execution plugins (MultiProc, Linear, SLURM, SGE, PBS, ...).
+
+One failing scan never stops the others: nipype skips only the failed node's
+descendants. Afterwards every crash is turned into a one-line error that
+names the input file, written to ``OUTPUT_DIR/logs/sub-<label>_<node>_crash.txt``
+(which the QC reports show) and printed; the exit code is 3 ("partial")
+when some subjects failed and others finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.atomic import atomic_write_text
+from pipeline.config import Config, write_resolved_config
+from pipeline.derivatives import write_dataset_description
+
+__all__ = ["CrashRecord", "collect_crashes", "nipype_plugin_args", "run_participant"]
+
+LOG = logging.getLogger(__name__)
+EXIT_OK, EXIT_ERROR, EXIT_PARTIAL = 0, 2, 3
+
+
+@dataclass(frozen=True)
+class CrashRecord:
+    subject: str
+    node: str
+    message: str
+    crash_file: Path
+
+
+def nipype_plugin_args(cfg: Config) -> dict:
+    """Arguments for the configured nipype plugin; ``execution.plugin_args`` win."""
+    ex = cfg.execution
+    args: dict = {}
+    if ex.plugin == "MultiProc":
+        args = {"n_procs": ex.nprocs, "raise_insufficient": False}
+    return {**args, **ex.plugin_args}
+
+
+_NODE_RE = re.compile(r"^Node:\s*(\S+)", re.MULTILINE)
+_SUB_RE = re.compile(r"\bsub_([A-Za-z0-9]+)_wf\b")
+
+
+def _last_error_line(text: str) -> str:
+    """The exception line of a traceback (``InputError: /x.nii.gz: contains NaN``)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*:", line):
+            name, _, msg = line.partition(":")
+            return f"{name.rsplit('.', 1)[-1]}:{msg}"
+    return lines[-1] if lines else "unknown error"
+
+
+def collect_crashes(crash_dir: Path, since: float) -> list[CrashRecord]:
+    """nipype crash files written after ``since`` (epoch seconds)."""
+    records = []
+    if not crash_dir.is_dir():
+        return records
+    for path in sorted(crash_dir.glob("crash-*.txt")):
+        if path.stat().st_mtime < since:
+            continue
+        text = path.read_text(errors="replace")
+        node_match = _NODE_RE.search(text)
+        node = node_match.group(1) if node_match else path.stem
+        sub_match = _SUB_RE.search(node) or _SUB_RE.search(text)
+        subject = sub_match.group(1) if sub_match else "unknown"
+        records.append(CrashRecord(subject, node, _last_error_line(text), path))
+    return records
+
+
+def _publish_crash(output_dir: Path, rec: CrashRecord) -> Path:
+    short = rec.node.split(".", 2)[-1].replace(".", "_") if "." in rec.node else rec.node
+    target = output_dir / "logs" / f"sub-{rec.subject}_{short}_crash.txt"
+    body = f"{rec.message}\n\nnode: {rec.node}\nnipype crash file: {rec.crash_file}\n\n{rec.crash_file.read_text(errors='replace')}"
+    atomic_write_text(target, body)
+    return target
+
+
+def _clear_old_crashes(output_dir: Path, subjects: list[str]) -> None:
+    logs = output_dir / "logs"
+    for sub in subjects:
+        for path in logs.glob(f"sub-{sub}_*_crash.txt"):
+            path.unlink(missing_ok=True)
+
+
+def _merge_participants(bids_dir: Path, output_dir: Path) -> None:
+    """Carry participants.tsv into the derivatives (labels for shards and evaluation)."""
+    import pandas as pd
+
+    from pipeline.bids import read_participants
+
+    rows = read_participants(bids_dir)
+    if rows is None:
+        return
+    new = pd.DataFrame(rows).set_index("participant_id")
+    target = output_dir / "participants.tsv"
+    if target.is_file():
+        old = pd.read_csv(target, sep="\t", dtype=str, keep_default_na=False).set_index("participant_id")
+        new = new.combine_first(old)[list(dict.fromkeys([*new.columns, *old.columns]))]
+    text = new.reset_index().to_csv(sep="\t", index=False)
+    if not target.is_file() or target.read_text() != text:
+        atomic_write_text(target, text)
+
+
+def run_participant(
+    bids_dir: Path, output_dir: Path, work_dir: Path, cfg: Config, participant_labels: list[str] | None
+) -> int:
+    """Index, build and run the participant-level graph; return the exit code."""
+    os.environ.setdefault("NIPYPE_NO_ET", "1")  # no network check for updates
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    from pipeline.bids import collect_scans, index_dataset
+    from workflows.base import init_neurocurate_wf
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    layout = index_dataset(bids_dir, work_dir)
+    subjects = collect_scans(layout, participant_labels)
+    write_dataset_description(output_dir, bids_dir)
+    _merge_participants(bids_dir, output_dir)
+    write_resolved_config(cfg, output_dir)
+
+    crash_dir = work_dir / "crash"
+    crash_dir.mkdir(exist_ok=True)
+    nipype_config.set("execution", "crashdump_dir", str(crash_dir))
+    nipype_logging.update_logging(nipype_config)
+    level = logging.getLogger().level
+    nipype_logging.getLogger("nipype.workflow").setLevel(max(level, logging.WARNING))
+
+    wf = init_neurocurate_wf(subjects=subjects, output_dir=output_dir, work_dir=work_dir, cfg=cfg)
+    wf.config["execution"].update({
+        "crashdump_dir": str(crash_dir),
+        "crashfile_format": "txt",
+        "poll_sleep_duration": cfg.execution.poll_sleep_duration,
+        "stop_on_first_crash": cfg.execution.stop_on_first_crash,
+        "remove_unnecessary_outputs": False,
+    })
+    _clear_old_crashes(output_dir, list(subjects))
+    n_scans = sum(len(s.anat) + len(s.bold) for s in subjects.values())
+    print(f"neurocurate prep: {len(subjects)} subject(s), {n_scans} scan(s); work dir {work_dir}")
+    started = time.time() - 1.0
+    failed = False
+    try:
+        wf.run(plugin=cfg.execution.plugin, plugin_args=nipype_plugin_args(cfg))
+    except RuntimeError as exc:
+        # nipype raises this after the graph ran when any node failed.
+        LOG.debug("nipype: %s", exc)
+        failed = True
+    crashes = collect_crashes(crash_dir, started)
+    for rec in crashes:
+        path = _publish_crash(output_dir, rec)
+        print(f"error: sub-{rec.subject}: {rec.message} (details: {path})")
+    if failed and not crashes:
+        print("error: the workflow failed without a crash file; rerun with -vv for nipype's log")
+    bad = {rec.subject for rec in crashes}
+    ok = sorted(set(subjects) - bad)
+    _subject_reports(output_dir, ok + sorted(bad & set(subjects)), cfg)
+    print(f"neurocurate prep: {len(ok)} of {len(subjects)} subject(s) finished; derivatives in {output_dir}")
+    if failed or crashes:
+        return EXIT_PARTIAL if ok else EXIT_ERROR
+    return EXIT_OK
+
+
+def _subject_reports(output_dir: Path, subjects: list[str], cfg: Config) -> None:
+    """Per-subject HTML reports; a report failure is logged and never fails the run."""
+    try:
+        from qc.group import write_subject_report
+    except ImportError:
+        return
+    for sub in subjects:
+        try:
+            write_subject_report(output_dir, sub, cfg)
+        except Exception as exc:  # a report must never cost the derivatives
+            LOG.warning("could not write the report of sub-%s: %s", sub, exc)
