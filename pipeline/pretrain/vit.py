@@ -1,0 +1,237 @@
+"""Transformer blocks, sin-cos position tables, the JEPA predictor and EMA wrapper.
+
+Shape legend: B samples, L all tokens of a sample, N tokens fed to a stack,
+C context tokens, M target tokens, D encoder width, P predictor width,
+h heads, d head width.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.pretrain.config import MoEConfig
+from pipeline.pretrain.moe import FeedForward, MoE, moe_layers
+
+__all__ = [
+    "JEPA",
+    "Predictor",
+    "Transformer",
+    "TransformerConfig",
+    "gather_tokens",
+    "sincos_1d",
+    "sincos_3d",
+]
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """A stack of pre-norm blocks; ``moe`` set means MoE FFN on every ``moe.every``-th block."""
+
+    dim: int
+    depth: int
+    heads: int
+    mlp_ratio: float = 4.0
+    moe: MoEConfig | None = None
+
+
+def sincos_1d(pos_N: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed sin-cos embedding ``[N, dim]`` of (possibly fractional) positions."""
+    half = dim // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=pos_N.device) / max(half, 1))
+    ang_NH = pos_N.float()[:, None] * freq[None, :]
+    out = torch.cat([ang_NH.sin(), ang_NH.cos()], dim=-1)
+    return F.pad(out, (0, dim - out.shape[-1]))
+
+
+def sincos_3d(grid: tuple[int, int, int], dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """3D sin-cos table ``[gd*gh*gw, dim]``; a third of the channels per axis, rest zero."""
+    per_axis = (dim // 6) * 2
+    axes = torch.meshgrid(*[torch.arange(g, device=device) for g in grid], indexing="ij")
+    parts = [sincos_1d(a.reshape(-1), per_axis) for a in axes]
+    out = torch.cat(parts, dim=-1)
+    return F.pad(out, (0, dim - out.shape[-1]))
+
+
+def gather_tokens(x_BLD: torch.Tensor, idx_BN: torch.Tensor) -> torch.Tensor:
+    """Tokens ``idx_BN`` of every sample: ``[B, N, D]``."""
+    return torch.gather(x_BLD, 1, idx_BN[..., None].expand(-1, -1, x_BLD.shape[-1]))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
+        B, N, D = x_BND.shape
+        qkv = self.qkv(x_BND).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q_BhNd, k_BhNd, v_BhNd = qkv.unbind(0)
+        o_BhNd = F.scaled_dot_product_attention(q_BhNd, k_BhNd, v_BhNd)
+        return self.proj(o_BhNd.transpose(1, 2).reshape(B, N, D))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, ffn: nn.Module):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = ffn
+
+    def forward(self, x_BND: torch.Tensor, meta: dict[str, torch.Tensor]) -> torch.Tensor:
+        x_BND = x_BND + self.attn(self.norm1(x_BND))
+        return x_BND + self.ffn(self.norm2(x_BND), meta)
+
+
+class Transformer(nn.Module):
+    """Pre-norm ViT stack; MoE FFN on alternating blocks when configured.
+
+    With ``moe.hierarchical`` the expert count doubles at each successive MoE
+    layer (MoRE-Brain's hierarchy).
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        hidden = int(cfg.dim * cfg.mlp_ratio)
+        blocks = []
+        n_moe = 0
+        for i in range(cfg.depth):
+            moe = cfg.moe
+            if moe is not None and moe.enabled and i % moe.every == moe.every - 1:
+                experts = moe.num_experts * (2**n_moe if moe.hierarchical else 1)
+                if moe.router == "state_experts":
+                    experts = len(moe.states)
+                ffn: nn.Module = MoE(cfg.dim, experts, moe)
+                n_moe += 1
+            else:
+                ffn = FeedForward(cfg.dim, hidden)
+            blocks.append(Block(cfg.dim, cfg.heads, ffn))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def forward(self, x_BND: torch.Tensor, meta: dict[str, torch.Tensor]) -> torch.Tensor:
+        for block in self.blocks:
+            x_BND = block(x_BND, meta)
+        return self.norm(x_BND)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the router regularisers of the last forward (None without any)."""
+        losses = [m.aux_loss for m in moe_layers(self) if m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+
+class Predictor(nn.Module):
+    """Narrow ViT predicting target-token embeddings from context embeddings.
+
+    Position embeddings ``[B, L, P]`` come from the model (gradient + time for
+    fMRI, 3D sin-cos for volumes) so this module is modality-agnostic.
+    """
+
+    def __init__(self, enc_dim: int, cfg: TransformerConfig):
+        super().__init__()
+        self.embed = nn.Linear(enc_dim, cfg.dim)
+        self.mask_token = nn.Parameter(torch.zeros(cfg.dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.blocks = Transformer(cfg)
+        self.proj = nn.Linear(cfg.dim, enc_dim)
+
+    def forward(
+        self,
+        z_BCD: torch.Tensor,
+        pos_BLP: torch.Tensor,
+        ctx_BC: torch.Tensor,
+        tgt_BM: torch.Tensor,
+        meta: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        h_BCP = self.embed(z_BCD) + gather_tokens(pos_BLP, ctx_BC)
+        m_BMP = self.mask_token + gather_tokens(pos_BLP, tgt_BM)
+        out_BNP = self.blocks(torch.cat([h_BCP, m_BMP], dim=1), meta)
+        return self.proj(out_BNP[:, h_BCP.shape[1] :])
+
+
+def init_weights(module: nn.Module) -> None:
+    """ViT-style init: truncated normal linears, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in module.modules():
+        if callable(getattr(m, "post_init", None)):
+            m.post_init()
+
+
+_LOSSES = {
+    "smooth_l1": lambda a, b: F.smooth_l1_loss(a, b, reduction="none"),
+    "l1": lambda a, b: (a - b).abs(),
+    "mse": lambda a, b: (a - b).pow(2),
+}
+
+
+class JEPA(nn.Module):
+    """Context encoder, EMA target encoder and predictor.
+
+    ``encoder(batch, idx_BN | None)`` embeds the tokens of a batch (positions
+    included) and encodes those in ``idx_BN`` (all when None);
+    ``predictor_pos(batch)`` gives the predictor's position table ``[B, L, P]``.
+    Batches carry ``ctx_idx`` ``[B, C]``, ``tgt_idx`` ``[B, M]`` and optionally
+    ``weight`` ``[B, M]`` (per-target-token loss weights, mean 1 per sample).
+    """
+
+    def __init__(self, encoder: nn.Module, predictor: Predictor, predictor_pos: nn.Module, loss: str):
+        super().__init__()
+        self.encoder = encoder
+        self.predictor = predictor
+        self.predictor_pos = predictor_pos
+        init_weights(self)
+        self.target_encoder = copy.deepcopy(encoder)
+        for p in self.target_encoder.parameters():
+            p.requires_grad_(False)
+        self.loss_name = loss
+
+    def train(self, mode: bool = True) -> JEPA:
+        super().train(mode)
+        # The target encoder never trains: keeps its routers from counting tokens.
+        self.target_encoder.eval()
+        return self
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        meta = {"subject": batch["subject"], "state": batch["state"]}
+        ctx_BC, tgt_BM = batch["ctx_idx"], batch["tgt_idx"]
+        z_BCD = self.encoder(batch, ctx_BC, meta)
+        with torch.no_grad():
+            h_BLD = self.target_encoder(batch, None, meta)
+            h_BLD = F.layer_norm(h_BLD.float(), (h_BLD.shape[-1],))
+            target_BMD = gather_tokens(h_BLD, tgt_BM)
+        pred_BMD = self.predictor(z_BCD, self.predictor_pos(batch), ctx_BC, tgt_BM, meta)
+        loss_BM = _LOSSES[self.loss_name](pred_BMD.float(), target_BMD).mean(-1)
+        if "weight" in batch:
+            loss_BM = loss_BM * batch["weight"]
+        jepa_loss = loss_BM.mean()
+        aux = self.encoder.aux_loss()
+        total = jepa_loss if aux is None else jepa_loss + aux
+        logs = {"jepa_loss": jepa_loss.detach()}
+        if aux is not None:
+            logs["aux_loss"] = aux.detach()
+        return total, logs
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """EMA of the context encoder's parameters; buffers (router biases) are copied."""
+        tgt = list(self.target_encoder.parameters())
+        src = [p.detach() for p in self.encoder.parameters()]
+        torch._foreach_mul_(tgt, momentum)
+        torch._foreach_add_(tgt, src, alpha=1.0 - momentum)
+        for b_t, b_s in zip(self.target_encoder.buffers(), self.encoder.buffers()):
+            b_t.copy_(b_s)

@@ -1,0 +1,408 @@
+"""Group level: metrics for every derivative in OUTPUT_DIR, curation table, reports.
+
+``neurocurate prep BIDS_DIR OUTPUT_DIR group`` calls :func:`run_group`; the
+participant level may call :func:`write_subject_report` for one subject.
+Derivatives are found through the names of :mod:`pipeline.derivatives`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from pipeline.config import Config, write_resolved_config
+from pipeline.derivatives import SPACE, anat_outputs, func_outputs, parse_name
+from pipeline.errors import InputError, NeurocurateError
+from pipeline.templates import get_template
+
+__all__ = [
+    "Scan",
+    "crash_log_subjects",
+    "discover_scans",
+    "find_crash_logs",
+    "run_group",
+    "scan_record",
+    "write_group_report",
+    "write_subject_report",
+]
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_PARTIAL = 3
+_ANAT = ("T1w", "T2w", "FLAIR")
+_ENTITY_COLS = {"ses": "session", "task": "task", "acq": "acq", "run": "run"}
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One derivative that gets a curation row."""
+
+    subject: str
+    modality: str  # T1w, T2w, FLAIR, bold, timeseries
+    path: Path  # absolute
+    entities: dict[str, str]
+
+
+def discover_scans(output_dir: Path, subject: str | None = None) -> list[Scan]:
+    """Every anat/BOLD/ROI-series derivative under ``output_dir`` (optionally one subject)."""
+    pattern = f"sub-{subject}" if subject else "sub-*"
+    scans = []
+    for folder in sorted(output_dir.glob(pattern)):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            ents, suffix, ext = parse_name(path)
+            if "sub" not in ents or path.name.startswith("."):
+                continue
+            if (
+                path.parent.name == "anat" and suffix in _ANAT and ext == ".nii.gz"
+                and ents.get("space") == SPACE and ents.get("res") == "2" and ents.get("desc") == "preproc"
+            ):
+                scans.append(Scan(ents["sub"], suffix, path, ents))
+            elif (
+                path.parent.name == "func" and suffix == "bold" and ext == ".nii.gz"
+                and ents.get("space") == SPACE and ents.get("res") == "2" and ents.get("desc") == "preproc"
+            ):
+                scans.append(Scan(ents["sub"], "bold", path, ents))
+            elif path.parent.name == "func" and suffix == "timeseries" and ext == ".tsv" and "atlas" in ents:
+                scans.append(Scan(ents["sub"], "timeseries", path, ents))
+    return scans
+
+
+def find_crash_logs(output_dir: Path, subject: str) -> list[tuple[str, str]]:
+    """``(name, text)`` of crash/error files in ``OUTPUT_DIR/logs`` that name ``sub-<subject>``."""
+    logs = output_dir / "logs"
+    if not logs.is_dir():
+        return []
+    pattern = re.compile(rf"(^|[_\-./])sub-{re.escape(subject)}([_\-.]|$)")
+    out = []
+    for path in sorted(logs.rglob("*")):
+        if path.is_file() and pattern.search(path.relative_to(logs).as_posix()):
+            text = path.read_text(errors="replace")
+            out.append((path.relative_to(logs).as_posix(), text[-20000:]))
+    return out
+
+
+def _sites(output_dir: Path) -> dict[str, str]:
+    path = output_dir / "participants.tsv"
+    if not path.is_file():
+        return {}
+    try:
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cannot read participants table ({exc})") from None
+    if "participant_id" not in df.columns:
+        raise InputError(path, "no participant_id column")
+    if "site" not in df.columns:
+        return {}
+    return {pid.removeprefix("sub-"): site for pid, site in zip(df["participant_id"], df["site"], strict=True) if site and site != "n/a"}
+
+
+class _Templates:
+    """Templates loaded once per run."""
+
+    def __init__(self, cfg: Config):
+        tdir = cfg.templates.template_dir or None
+        self._paths = {
+            "T1w": get_template(2, "T1w", template_dir=tdir),
+            "T2w": get_template(2, "T2w", template_dir=tdir),
+            "mask": get_template(2, "mask", "brain", template_dir=tdir),
+        }
+        self._cache: dict[str, np.ndarray] = {}
+
+    def get(self, key: str) -> np.ndarray:
+        if key not in self._cache:
+            self._cache[key] = np.asanyarray(nib.load(self._paths[key]).dataobj).astype(np.float32)
+        return self._cache[key]
+
+    def for_modality(self, modality: str) -> np.ndarray:
+        # No FLAIR template exists; T2 is the closest contrast.
+        return self.get("T1w" if modality == "T1w" else "T2w")
+
+
+def _load(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    if not path.is_file():
+        raise InputError(path, "missing derivative")
+    try:
+        data = np.asanyarray(nib.load(path).dataobj).astype(np.float32)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(path, f"cannot read image ({exc})") from None
+    if shape is not None and data.shape[:3] != tuple(shape):
+        raise InputError(path, f"grid {data.shape[:3]} is not the 2 mm template grid {tuple(shape)}")
+    return data
+
+
+def _anat_metrics(scan: Scan, output_dir: Path, cfg: Config, tpl: _Templates) -> dict[str, float]:
+    from qc.iqms import structural_iqms
+    from qc.metrics import template_similarity
+
+    outs = anat_outputs(output_dir, scan.entities, scan.modality, 2)
+    template = tpl.for_modality(scan.modality)
+    tmask = tpl.get("mask") > 0
+    image = _load(scan.path, template.shape)
+    brain = _load(outs.mask, template.shape) > 0 if outs.mask.is_file() else tmask
+    bias = _load(outs.biasfield, template.shape) if outs.biasfield.is_file() else None
+    metrics = template_similarity(image, template, tmask, bins=cfg.qc.mi_bins)
+    metrics.update(structural_iqms(image, brain, scan.modality, bias))
+    return metrics
+
+
+def _bold_metrics(scan: Scan, output_dir: Path, tpl: _Templates) -> dict[str, float]:
+    from qc.iqms import bold_iqms, read_confounds
+
+    outs = func_outputs(output_dir, scan.entities, 2)
+    bold = _load(scan.path)
+    if bold.ndim != 4:
+        raise InputError(scan.path, f"expected a 4-D BOLD series, got shape {bold.shape}")
+    mask = _load(outs.mask, bold.shape[:3]) > 0 if outs.mask.is_file() else tpl.get("mask") > 0
+    if not outs.confounds.is_file():
+        raise InputError(outs.confounds, "missing confounds TSV for this BOLD run")
+    return bold_iqms(bold, mask, read_confounds(outs.confounds))
+
+
+def _timeseries_metrics(scan: Scan) -> dict[str, float]:
+    sidecar = scan.path.with_suffix(".json")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except FileNotFoundError:
+        raise InputError(sidecar, "missing JSON sidecar of the ROI time series") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(sidecar, f"not valid JSON ({exc})") from None
+    names = meta.get("ROINames")
+    if not isinstance(names, list) or not names:
+        raise InputError(sidecar, "ROINames must be a non-empty list")
+    if not isinstance(meta.get("NumberOfVolumes"), int):
+        raise InputError(sidecar, "NumberOfVolumes must be an integer")
+    n = len(names)
+    return {
+        "n_volumes": float(meta["NumberOfVolumes"]),
+        "n_rois": float(n),
+        "zero_variance_fraction": len(meta.get("ZeroVarianceROIs") or []) / n,
+        "empty_roi_fraction": len(meta.get("EmptyROIs") or []) / n,
+    }
+
+
+def scan_record(scan: Scan, output_dir: Path, cfg: Config, tpl: Any = None, site: str = "unknown") -> dict[str, Any]:
+    """Curation record (entities + metrics) of one scan.
+
+    Raises
+    ------
+    InputError
+        When a derivative the metrics need is missing or unreadable.
+    """
+    tpl = tpl or _Templates(cfg)
+    if scan.modality in _ANAT:
+        metrics = _anat_metrics(scan, output_dir, cfg, tpl)
+    elif scan.modality == "bold":
+        metrics = _bold_metrics(scan, output_dir, tpl)
+    else:
+        metrics = _timeseries_metrics(scan)
+    rec: dict[str, Any] = {
+        "subject": scan.subject,
+        "modality": scan.modality,
+        "site": site,
+        "path": scan.path.relative_to(output_dir).as_posix(),
+    }
+    for ent, col in _ENTITY_COLS.items():
+        rec[col] = scan.entities.get(ent, "")
+    rec.update(metrics)
+    return rec
+
+
+def _figures(scan: Scan, output_dir: Path, tpl: _Templates) -> list[tuple[str, str]]:
+    from qc import reports
+
+    if scan.modality in _ANAT:
+        outs = anat_outputs(output_dir, scan.entities, scan.modality, 2)
+        template = tpl.for_modality(scan.modality)
+        tmask = tpl.get("mask") > 0
+        image = _load(scan.path, template.shape)
+        figs = [("Registration: template brain outline (red) and white-matter edge (yellow) over the scan in MNI space",
+                 reports.registration_mosaic(image, template, tmask))]
+        if outs.mask.is_file():
+            figs.append(("Skull strip: brain mask outline", reports.outline_mosaic(image, _load(outs.mask, template.shape))))
+        if outs.biasfield.is_file():
+            figs.append(("N4 bias field (viridis, 1st-99th percentile) over the corrected image", reports.bias_mosaic(image, _load(outs.biasfield, template.shape))))
+        return figs
+    if scan.modality == "bold":
+        from qc.iqms import read_confounds, tsnr_map
+
+        outs = func_outputs(output_dir, scan.entities, 2)
+        bold = _load(scan.path)
+        mask = _load(outs.mask, bold.shape[:3]) > 0 if outs.mask.is_file() else tpl.get("mask") > 0
+        fd = read_confounds(outs.confounds)["framewise_displacement"] if outs.confounds.is_file() else None
+        return [
+            ("BOLD mean", reports.map_mosaic(bold.mean(axis=-1), mask, "gray")),
+            ("tSNR map (hot colour map, 1st-99.5th percentile in the brain)",
+             reports.map_mosaic(tsnr_map(bold) * mask, mask, "hot")),
+            ("Carpet plot: brain voxels z-scored (rows) by volume; above, framewise displacement "
+             "0-1 mm with the 0.2 mm line in red", reports.carpet_plot(bold, mask, fd)),
+        ]
+    return []
+
+
+def _scan_view(row: pd.Series, cfg: Config, figures: list[tuple[str, str]]) -> dict[str, Any]:
+    from qc.curation import rules_for
+    from qc.reports import _fmt
+
+    rules = []
+    for metric, kind, thr in rules_for(str(row["modality"]), cfg.qc):
+        value = row.get(metric, float("nan"))
+        value = float(value) if pd.notna(value) else float("nan")
+        ok = not np.isfinite(value) or (value >= thr if kind == "min" else value <= thr)
+        rules.append((metric, kind, f"{thr:g}", _fmt(value), bool(ok)))
+    skip = {"subject", "session", "task", "acq", "run", "modality", "site", "path", "qc_pass", "failed_rules",
+            "override", "override_comment", "include"}
+    # The table holds every modality's metrics; show the ones this scan has.
+    metrics = [
+        (k, _fmt(v) if isinstance(v, float) else str(v))
+        for k, v in row.items()
+        if k not in skip and not (isinstance(v, float) and np.isnan(v))
+    ]
+    ents = [f"{k}-{row[k]}" for k in ("session", "task", "acq", "run") if str(row.get(k, "") or "")]
+    return {
+        "title": " ".join([str(row["modality"]), *ents]),
+        "path": str(row["path"]),
+        "modality": str(row["modality"]),
+        "rules": rules,
+        "metrics": metrics,
+        "qc_pass": bool(row["qc_pass"]),
+        "include": bool(row["include"]),
+        "override": str(row.get("override", "")),
+        "comment": str(row.get("override_comment", "")),
+        "figures": figures,
+    }
+
+
+def _subject_table(
+    output_dir: Path, subject: str, scans: list[Scan], cfg: Config, tpl: _Templates
+) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The subject's curation rows and ``(path, error)`` of scans that could not be measured.
+
+    Rows come from the curation table when it covers every scan (so the
+    outlier suggestions and overrides show); otherwise they are computed now.
+    """
+    from qc.curation import build_table, read_table, table_paths
+    from qc.review import load_ratings
+
+    wanted = {s.path.relative_to(output_dir).as_posix() for s in scans}
+    if table_paths(output_dir)[0].is_file():
+        df = read_table(output_dir)
+        df = df[df["path"].isin(wanted)]
+        if set(df["path"]) == wanted:
+            return df, []
+    site = _sites(output_dir).get(subject, "unknown")
+    records, errors = [], []
+    for scan in scans:
+        try:
+            records.append(scan_record(scan, output_dir, cfg, tpl, site))
+        except (InputError, ValueError) as exc:
+            errors.append((scan.path.relative_to(output_dir).as_posix(), f"QC metrics failed: {exc}"))
+    df = build_table(records, cfg.qc, load_ratings(output_dir)) if records else pd.DataFrame()
+    return df, errors
+
+
+def write_subject_report(output_dir: Path, subject: str, cfg: Config) -> Path:
+    """Write ``OUTPUT_DIR/reports/sub-<subject>.html`` and return its path.
+
+    Uses the curation table when it covers the subject's scans (so overrides
+    show), else computes the metrics now. Crash files in ``OUTPUT_DIR/logs``
+    that name the subject are shown at the top.
+    """
+    from qc.reports import render_subject_report, write_html
+
+    output_dir = Path(output_dir)
+    subject = subject.removeprefix("sub-")
+    tpl = _Templates(cfg)
+    scans = discover_scans(output_dir, subject)
+    errors = find_crash_logs(output_dir, subject)
+    views = []
+    if scans:
+        df, scan_errors = _subject_table(output_dir, subject, scans, cfg, tpl)
+        errors += scan_errors
+        by_path = {s.path.relative_to(output_dir).as_posix(): s for s in scans}
+        for _, row in df.iterrows():
+            try:
+                figures = _figures(by_path[row["path"]], output_dir, tpl)
+            except InputError as exc:
+                errors.append((row["path"], f"figures could not be drawn: {exc}"))
+                figures = []
+            views.append(_scan_view(row, cfg, figures))
+    target = output_dir / "reports" / f"sub-{subject}.html"
+    return write_html(target, render_subject_report(subject, views, errors))
+
+
+def write_group_report(output_dir: Path, df: pd.DataFrame, cfg: Config, error_subjects: list[str]) -> Path:
+    """Write ``OUTPUT_DIR/reports/group.html`` from the curation table."""
+    from qc.reports import render_group_report, write_html
+
+    return write_html(Path(output_dir) / "reports" / "group.html", render_group_report(df, cfg.qc, error_subjects))
+
+
+def run_group(bids_dir: Path, output_dir: Path, cfg: Config) -> int:
+    """BIDS-App group level: metrics, curation table, subject reports and the group report.
+
+    Parameters
+    ----------
+    bids_dir : Path
+        The raw dataset (not read: QC works on the derivatives).
+    output_dir : Path
+        Derivatives folder of the participant level.
+    cfg : Config
+
+    Returns
+    -------
+    int
+        0, or 3 when some scans could not be measured (they are named in the
+        log and in their subject's report, and left out of the table).
+    """
+    from qc.curation import build_table, write_table
+    from qc.review import load_ratings
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise InputError(output_dir, "output directory does not exist; run the participant level first")
+    scans = discover_scans(output_dir)
+    subjects = sorted({s.subject for s in scans} | crash_log_subjects(output_dir))
+    if not subjects:
+        raise NeurocurateError(f"{output_dir}: no derivatives (sub-*/anat, sub-*/func) and no crash logs found")
+    sites = _sites(output_dir)
+    tpl = _Templates(cfg)
+    records, failed = [], {}
+    for scan in scans:
+        try:
+            records.append(scan_record(scan, output_dir, cfg, tpl, sites.get(scan.subject, "unknown")))
+        except (InputError, ValueError) as exc:
+            log.error("QC of %s failed: %s", scan.path, exc)
+            failed.setdefault(scan.subject, []).append(str(exc))
+    df = build_table(records, cfg.qc, load_ratings(output_dir))
+    write_table(df, output_dir)
+    write_resolved_config(cfg, output_dir / "curation")
+    error_subjects = sorted(set(failed) | crash_log_subjects(output_dir))
+    for subject in subjects:
+        write_subject_report(output_dir, subject, cfg)
+    write_group_report(output_dir, df, cfg, error_subjects)
+    log.info("curation: %d scans, %d included; reports in %s", len(df), int(df["include"].sum()), output_dir / "reports")
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def crash_log_subjects(output_dir: Path) -> set[str]:
+    """Labels of subjects named by a file in ``OUTPUT_DIR/logs``."""
+    logs = output_dir / "logs"
+    if not logs.is_dir():
+        return set()
+    found = set()
+    for path in logs.rglob("*"):
+        m = re.search(r"sub-([A-Za-z0-9]+)", path.name)
+        if path.is_file() and m:
+            found.add(m.group(1))
+    return found

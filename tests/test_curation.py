@@ -1,0 +1,124 @@
+"""Curation rules, thresholds from the config, robust outliers, overrides and the ratings store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import ConfigError, QCConfig, load_config
+from pipeline.errors import InputError
+from qc import curation, review
+
+
+def _rec(subject: str, modality: str = "T1w", site: str = "A", **metrics: float) -> dict:
+    base = {"correlation": 0.7, "nmi": 1.05, "psnr": 14.0, "brain_coverage": 1.0, "snr": 25.0, "cnr": 2.5,
+            "cjv": 0.4, "efc": 0.8, "wm2max": 0.7, "inu_range": 0.1, "fber": 60.0}
+    return {"subject": subject, "modality": modality, "site": site,
+            "path": f"sub-{subject}/anat/sub-{subject}_{modality}.nii.gz", **base, **metrics}
+
+
+def test_rules_come_from_the_modality_section() -> None:
+    qc = QCConfig()
+    rules = curation.rules_for("T1w", qc)
+    assert ("correlation", "min", qc.t1w.min_correlation) in rules
+    assert ("cjv", "max", qc.t1w.max_cjv) in rules
+    assert curation.rules_for("FLAIR", qc) != rules
+    assert ("n_volumes", "min", 100.0) in curation.rules_for("timeseries", qc)
+    with pytest.raises(ValueError, match="no QC thresholds"):
+        curation.rules_for("DWI", qc)
+
+
+def test_partial_toml_keeps_modality_defaults(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text("[qc.flair]\nmin_snr = 3.0\n")
+    cfg = load_config(toml)
+    assert cfg.qc.flair.min_snr == 3.0
+    # A FLAIR table that sets one key must not fall back to the generic defaults.
+    assert cfg.qc.flair.min_correlation == QCConfig().flair.min_correlation != QCConfig().t1w.min_correlation
+    toml.write_text("[qc.t1w]\nmin_snrr = 3.0\n")
+    with pytest.raises(ConfigError, match="min_snrr"):
+        load_config(toml)
+
+
+def test_any_failing_rule_fails_and_nan_skips() -> None:
+    qc = QCConfig()
+    ok, failed = curation.evaluate_rules(_rec("01"), "T1w", qc)
+    assert ok and failed == []
+    ok, failed = curation.evaluate_rules(_rec("01", snr=1.0, cjv=2.0), "T1w", qc)
+    assert not ok and len(failed) == 2 and failed[0].startswith("snr=1<")
+    ok, _ = curation.evaluate_rules(_rec("01", snr=float("nan")), "T1w", qc)
+    assert ok
+
+
+def test_build_table_columns_and_overrides() -> None:
+    qc = QCConfig()
+    recs = [_rec("01"), _rec("02", correlation=0.1), _rec("03", modality="T2w")]
+    ratings = {recs[0]["path"]: {"decision": "exclude", "comment": "ringing"},
+               recs[1]["path"]: {"decision": "include", "comment": ""}}
+    df = curation.build_table(recs, qc, ratings)
+    assert list(df.columns[:8]) == list(curation.ENTITY_COLUMNS)
+    assert list(df.columns[-6:]) == list(curation.TRAILING_COLUMNS)
+    assert df["qc_pass"].tolist() == [True, False, True]
+    assert df["include"].tolist() == [False, True, True]
+    assert df["override"].tolist() == ["exclude", "include", ""]
+    assert df.loc[0, "override_comment"] == "ringing"
+    assert "correlation=0.1<" in df.loc[1, "failed_rules"]
+    with pytest.raises(ValueError, match="lacks"):
+        curation.build_table([{"subject": "x"}], qc)
+    with pytest.raises(ValueError, match="decision"):
+        curation.apply_overrides(df, {recs[0]["path"]: {"decision": "maybe"}})
+
+
+def test_mad_outliers_per_modality_and_site() -> None:
+    rng = np.random.default_rng(0)
+    recs = [_rec(f"a{i}", snr=25 + rng.normal()) for i in range(8)]
+    recs.append(_rec("a9", snr=60.0))  # far outside its site's spread, yet passes the fixed rule
+    recs += [_rec(f"b{i}", site="B", snr=60.0 + i) for i in range(3)]  # small site: no suggestion
+    df = curation.build_table(recs, QCConfig())
+    flagged = dict(zip(df["subject"], df["outlier_metrics"], strict=True))
+    assert flagged["a9"] == "snr"
+    assert all(flagged[f"a{i}"] == "" for i in range(8))
+    assert all(flagged[f"b{i}"] == "" for i in range(3))
+    assert df.set_index("subject").loc["a9", "qc_pass"]  # suggestion only
+
+
+def test_table_roundtrip(tmp_path: Path) -> None:
+    df = curation.build_table([_rec("01", fber=float("nan")), _rec("02")], QCConfig())
+    parquet, tsv = curation.write_table(df, tmp_path)
+    back = curation.read_table(tmp_path)
+    pd.testing.assert_frame_equal(back, df)
+    assert "n/a" in tsv.read_text()
+    with pytest.raises(InputError, match="no curation table"):
+        curation.read_table(tmp_path / "elsewhere")
+
+
+def test_ratings_store_and_import(tmp_path: Path) -> None:
+    recs = [_rec("01"), _rec("02")]
+    curation.write_table(curation.build_table(recs, QCConfig()), tmp_path)
+    assert review.set_rating(tmp_path, recs[0]["path"], "exclude", "ghosting", "ana") is False
+    stored = json.loads(review.ratings_path(tmp_path).read_text())["ratings"][recs[0]["path"]]
+    assert stored["decision"] == "exclude" and stored["reviewer"] == "ana" and stored["time"]
+    assert not curation.read_table(tmp_path).set_index("path").loc[recs[0]["path"], "include"]
+    with pytest.raises(InputError, match="not a scan"):
+        review.set_rating(tmp_path, "sub-x/anat/x.nii.gz", "exclude")
+    with pytest.raises(InputError, match="decision"):
+        review.set_rating(tmp_path, recs[0]["path"], "drop")
+    # An exported list-style file overrides the stored rating.
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps([{"path": recs[0]["path"], "decision": "include", "comment": "ok after all"}]))
+    assert review.import_ratings(tmp_path, export) == 1
+    row = curation.read_table(tmp_path).set_index("path").loc[recs[0]["path"]]
+    assert row["override"] == "include" and row["override_comment"] == "ok after all" and row["include"]
+    export.write_text("{not json")
+    with pytest.raises(InputError, match="not a JSON ratings file"):
+        review.import_ratings(tmp_path, export)
+    export.write_text(json.dumps({"something": 1}))
+    with pytest.raises(InputError, match="expected"):
+        review.import_ratings(tmp_path, export)
+    review.ratings_path(tmp_path).write_text("[")
+    with pytest.raises(InputError, match="ratings file is not valid JSON"):
+        review.load_ratings(tmp_path)

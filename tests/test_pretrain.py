@@ -1,0 +1,249 @@
+"""JEPA models, trainer, checkpoints, exact resume, config and the ``pretrain`` command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.errors import InputError
+from pipeline.pretrain.checkpoint import latest_checkpoint, load_checkpoint
+from pipeline.pretrain.config import PretrainConfig, config_from_dict, load_pretrain_config, named_configs
+from pipeline.pretrain.train import Trainer, build_collator, build_model, lr_lambda
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors on a shared 2-core machine: intra-op threads only add contention.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def _cfg(modality: str = "fmri", router: str = "topk", **train) -> PretrainConfig:
+    cfg = load_pretrain_config("tiny")
+    t = {"max_steps": 6, "checkpoint_every": 3, "log_every": 1, "warmup_steps": 2, **train}
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, modality=modality),
+        anat=dataclasses.replace(cfg.anat, volume_shape=(16, 16, 24), patch=8, target_ratio=0.5),
+        moe=dataclasses.replace(cfg.moe, router=router, capacity_factor=0.0, states=("rest", "task")),
+        train=dataclasses.replace(cfg.train, **t),
+    )
+
+
+def _fmri_data(n: int = 10, R: int = 12, T: int = 70) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    t = torch.linspace(0, 6.28, T)
+    out = []
+    for i in range(n):
+        phase = torch.rand(R, 1, generator=g) * 6.28
+        x = torch.sin(t[None] * (1 + i % 3) + phase) + 0.1 * torch.randn(R, T, generator=g)
+        out.append({"x": x, "gradients": torch.randn(R, 3, generator=g), "subject": f"sub-{i % 4}", "task": "rest"})
+    return out
+
+
+def _anat_data(n: int = 6) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        x = torch.zeros(1, 18, 18, 22)
+        x[0, 3:15, 3:15, 4:18] = 1.0 + 0.2 * torch.randn(12, 12, 14, generator=g)
+        out.append({"x": x, "subject": f"sub-{i}"})
+    return out
+
+
+@pytest.mark.parametrize("modality,data", [("fmri", _fmri_data), ("anat", _anat_data)])
+def test_one_optimizer_step_lowers_loss_on_fixed_batch(modality, data):
+    cfg = _cfg(modality)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    batch = build_collator(cfg, 0)(data()[:4], 0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss0, logs = model(batch)
+    assert torch.isfinite(loss0) and "jepa_loss" in logs
+    loss0.backward()
+    frozen = [p.grad for p in model.target_encoder.parameters()]
+    assert all(g is None for g in frozen)  # the target encoder gets no gradient
+    opt.step()
+    with torch.no_grad():
+        loss1, _ = model(batch)
+    assert loss1 < loss0
+
+
+def test_ema_update_is_foreach_lerp():
+    cfg = _cfg()
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.target_encoder.parameters()]
+    src = [p.clone() for p in model.encoder.parameters()]
+    model.encoder.vit.blocks[1].ffn.router.bias_E.fill_(0.25)
+    model.update_target(0.9)
+    for b, s, t in zip(before, src, model.target_encoder.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
+    assert torch.all(model.target_encoder.vit.blocks[1].ffn.router.bias_E == 0.25)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_lambda(0, 4, 20, 0.1) == pytest.approx(0.25)
+    assert lr_lambda(3, 4, 20, 0.1) == pytest.approx(1.0)
+    assert lr_lambda(4, 4, 20, 0.1) == pytest.approx(1.0)
+    assert lr_lambda(12, 4, 20, 0.1) == pytest.approx(0.55)
+    assert lr_lambda(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("router", ["topk", "expert_choice"])
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, router):
+    cfg = _cfg(router=router)
+    full = Trainer(cfg, _fmri_data(), tmp_path / "full", progress=False).fit()
+    first = Trainer(cfg, _fmri_data(), tmp_path / "split", progress=False).fit(3)
+    assert latest_checkpoint(tmp_path / "split").name == "step-00000003.pt"
+    resumed = Trainer(cfg, _fmri_data(), tmp_path / "split", progress=False)
+    assert resumed.step == 3
+    rest = resumed.fit()
+    assert [h["loss"] for h in first + rest] == [h["loss"] for h in full]
+    a = load_checkpoint(latest_checkpoint(tmp_path / "full"))["model"]
+    b = load_checkpoint(latest_checkpoint(tmp_path / "split"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoint_contents_and_weights_only(tmp_path):
+    cfg = _cfg(max_steps=3)
+    Trainer(cfg, _fmri_data(), tmp_path, progress=False).fit()
+    path = latest_checkpoint(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    assert {"step", "model", "optimizer", "scheduler", "config", "ranks"} <= set(payload)
+    assert any(k.startswith("target_encoder.") for k in payload["model"])
+    assert any(k.endswith("router.bias_E") for k in payload["model"])
+    assert payload["ranks"][0]["loader"] == {"epoch": 1, "offset": 2}  # 12 samples of 10 taken
+    assert isinstance(payload["ranks"][0]["rng"]["torch"], torch.Tensor)
+    bias = payload["model"]["encoder.vit.blocks.1.ffn.router.bias_E"]
+    assert bias.abs().sum() > 0 and abs(float(bias.sum())) < 1e-6  # balancing ran, zero-mean
+    assert not list(tmp_path.glob("checkpoints/.*"))  # no temp files left behind
+    wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=48, heads=2))
+    with pytest.raises(InputError, match="does not fit the model of this config"):
+        Trainer(wider, _fmri_data(), tmp_path, progress=False)
+    bad = tmp_path / "checkpoints" / "step-00000009.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a loadable checkpoint"):
+        Trainer(cfg, _fmri_data(), tmp_path, progress=False)
+
+
+def test_metrics_and_resolved_config(tmp_path):
+    cfg = _cfg("anat", router="subject_prior", max_steps=2)
+    hist = Trainer(cfg, _anat_data(), tmp_path, progress=False).fit()
+    assert len(hist) == 2 and all(np.isfinite(h["loss"]) for h in hist)
+    assert load_pretrain_config(tmp_path / "pretrain_config.toml") == cfg
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("loss", "lr", "tokens_per_s", "moe/0/load_max_mean", "moe/0/entropy", "moe/0/dropped", "aux_loss"):
+        assert key in rec
+
+
+def test_config_errors(tmp_path):
+    assert {"tiny", "small", "base"} <= set(named_configs())
+    with pytest.raises(ConfigError, match="no such named config"):
+        load_pretrain_config("huge")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\ndimm = 3\n")
+    with pytest.raises(ConfigError, match=r"bad.toml.*unknown key"):
+        load_pretrain_config(bad)
+    with pytest.raises(ConfigError, match="multiple of fmri.patch"):
+        config_from_dict({"fmri": {"num_frames": 100, "patch": 16}})
+    with pytest.raises(ConfigError, match="must have 2 value"):
+        config_from_dict({"fmri": {"obs_scale": [0.8]}})
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    from pipeline.errors import NeurocurateError
+
+    with pytest.raises(NeurocurateError, match="no samples"):
+        Trainer(_cfg(), [], tmp_path, progress=False).fit(1)
+
+
+def _write_fmri_shards(shards_dir: Path, n: int = 8, R: int = 12, T: int = 90) -> None:
+    import pandas as pd
+
+    from pipeline.shards import write_shards
+
+    rng = np.random.default_rng(0)
+    arrays = {f"s{i}": rng.standard_normal((T, R)).astype(np.float32) for i in range(n)}
+    samples = pd.DataFrame(
+        {
+            "sample_id": list(arrays),
+            "subject": [f"sub-{i}" for i in range(n)],
+            "store": "fmri-toy",
+            "kind": "fmri",
+            "atlas": "toy",
+            "task": "rest",
+            "split": "train",
+        }
+    )
+    names = [f"roi{r}" for r in range(R)]
+    write_shards(samples, shards_dir, read_sample=lambda row: {"x_TR": arrays[row["sample_id"]], "roi_names": names})
+
+
+def _pretrain(argv: list[str]) -> int:
+    """Run the ``pretrain`` sub-command the way ``neurocurate`` does."""
+    import argparse
+
+    from pipeline.commands import pretrain
+
+    parser = argparse.ArgumentParser()
+    pretrain.add_arguments(parser)
+    return pretrain.run(parser.parse_args(argv))
+
+
+def test_pretrain_command_on_shards(tmp_path, capsys):
+    shards = tmp_path / "shards"
+    _write_fmri_shards(shards)
+    config = tmp_path / "toy.toml"
+    config.write_text(
+        "[model]\ndim = 16\ndepth = 2\nheads = 2\npred_dim = 8\npred_depth = 1\npred_heads = 2\n"
+        "[fmri]\nnum_frames = 64\n[moe]\nnum_experts = 4\nexpert_hidden = 16\n"
+        "[train]\nbatch_size = 2\nmax_steps = 3\nwarmup_steps = 1\ncheckpoint_every = 2\nlog_every = 1\n"
+    )
+    run = tmp_path / "run"
+    assert _pretrain([str(shards), "--config", str(config), "--out", str(run), "--no-progress"]) == 0
+    assert "step 3" in capsys.readouterr().out
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert latest_checkpoint(run).name == "step-00000003.pt"
+    # the loader position is saved in the checkpoint and a rerun resumes at the end
+    assert load_checkpoint(latest_checkpoint(run))["ranks"][0]["loader"]["dataset"]["consumed"] == [6]
+    assert _pretrain([str(shards), "--config", str(config), "--out", str(run), "--no-progress", "--max-steps", "4"]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_pretrain_command_bad_inputs(tmp_path):
+    with pytest.raises(InputError, match="no index.parquet"):
+        _pretrain([str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
+    with pytest.raises(ConfigError, match="no such named config"):
+        _pretrain([str(tmp_path), "--config", "gigantic", "--out", str(tmp_path / "run")])
+    shards = tmp_path / "shards"
+    _write_fmri_shards(shards, n=2)
+    anat = tmp_path / "anat.toml"
+    anat.write_text('[model]\nmodality = "anat"\n')
+    with pytest.raises(InputError, match="holds fmri data"):
+        _pretrain([str(shards), "--config", str(anat), "--store", "fmri-toy", "--out", str(tmp_path / "r")])
+    with pytest.raises(InputError, match="not in the index"):
+        _pretrain([str(shards), "--store", "fmri-other", "--out", str(tmp_path / "r")])
+
+
+def test_bf16_autocast_step_runs(tmp_path):
+    # The GPU path (bf16 autocast) exercised on the CPU: dtypes in the MoE dispatch must line up.
+    cfg = _cfg(precision="bf16", max_steps=2, checkpoint_every=0)
+    trainer = Trainer(cfg, _fmri_data(), tmp_path, progress=False)
+    assert trainer.bf16
+    hist = trainer.fit()
+    assert all(np.isfinite(h["loss"]) for h in hist)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
