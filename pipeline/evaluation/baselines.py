@@ -1,0 +1,126 @@
+"""Honest baselines, run on the same folds as the model.
+
+fMRI: functional connectivity features (Fisher-z Pearson correlations, or
+tangent-space covariances whose reference mean is estimated on the training
+fold only) fed to the same nested linear probe as the embeddings.
+
+Structural: intensity PCA (fitted on the training fold) + the linear probe,
+and a small 3D CNN trained from scratch on each training fold.
+
+Shape legend: N samples, T frames, R ROIs, F features, X/Y/Z voxels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "fc_pearson_features",
+    "fc_tangent_fold",
+    "fit_predict_cnn3d",
+    "intensity_pca_fold",
+]
+
+
+def fc_pearson_features(series: list[np.ndarray]) -> np.ndarray:
+    """Upper-triangle Fisher-z Pearson correlations of each run (``[T, R]`` each) -> ``[N, R(R-1)/2]``.
+
+    Zero-variance ROIs have no correlation; their entries are 0 (z of r = 0)
+    rather than NaN, so they carry no signal instead of breaking the probe.
+    """
+    if not series:
+        raise ValueError("no series given")
+    R = series[0].shape[1]
+    iu = np.triu_indices(R, k=1)
+    out = np.empty((len(series), iu[0].size), dtype=np.float32)
+    for i, x_TR in enumerate(series):
+        if x_TR.shape[1] != R:
+            raise ValueError(f"run {i} has {x_TR.shape[1]} ROIs, expected {R}")
+        x = x_TR - x_TR.mean(0)
+        norm_R = np.sqrt((x**2).sum(0))
+        ok_R = norm_R > 1e-8
+        x = np.where(ok_R, x / np.where(ok_R, norm_R, 1.0), 0.0)
+        r_RR = np.clip(x.T @ x, -0.999999, 0.999999)
+        out[i] = np.arctanh(r_RR[iu])
+    return out
+
+
+def fc_tangent_fold(series: list[np.ndarray], train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tangent-space connectivity (Varoquaux et al. 2010) with the reference fitted on ``train`` only.
+
+    Covariances are Ledoit-Wolf shrunk (nilearn's default) so short runs and
+    zero-variance ROIs still give positive-definite matrices.
+
+    Returns
+    -------
+    (train features, test features)
+    """
+    from nilearn.connectome import ConnectivityMeasure
+
+    measure = ConnectivityMeasure(kind="tangent", vectorize=True, discard_diagonal=True)
+    Xtr = measure.fit_transform([np.asarray(series[i], dtype=np.float64) for i in train])
+    Xte = measure.transform([np.asarray(series[i], dtype=np.float64) for i in test])
+    return Xtr.astype(np.float32), Xte.astype(np.float32)
+
+
+def intensity_pca_fold(volumes_NV: np.ndarray, train: np.ndarray, test: np.ndarray, n_components: int,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of the flattened voxel intensities, fitted on ``train``; returns (train, test) component scores."""
+    from sklearn.decomposition import PCA
+
+    X = np.asarray(volumes_NV, dtype=np.float32).reshape(len(volumes_NV), -1)
+    k = max(1, min(n_components, len(train) - 1, X.shape[1]))
+    pca = PCA(n_components=k, random_state=seed, svd_solver="randomized" if k < min(len(train), X.shape[1]) // 2 else "full")
+    return pca.fit_transform(X[train]), pca.transform(X[test])
+
+
+def fit_predict_cnn3d(volumes_NXYZ: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, task: str, *,
+                      n_classes: int = 2, epochs: int = 20, channels: int = 8, lr: float = 1e-3, batch_size: int = 8,
+                      seed: int = 0) -> np.ndarray:
+    """Train :class:`~pipeline.evaluation.torch_models.SmallCNN3D` from scratch on ``train``; predict ``test``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``[N_test, C]`` probabilities or ``[N_test]`` predictions.
+    """
+    import torch
+
+    from pipeline.evaluation.torch_models import SmallCNN3D
+
+    torch.manual_seed(seed)
+    vol = torch.from_numpy(np.asarray(volumes_NXYZ, dtype=np.float32))[:, None]
+    y = np.asarray(y)
+    if task == "classification":
+        target = torch.from_numpy(y.astype(np.int64))
+        y_mean, y_std = 0.0, 1.0
+        loss_fn = torch.nn.CrossEntropyLoss()
+    else:
+        y_mean, y_std = float(y[train].mean()), float(y[train].std() + 1e-8)
+        target = torch.from_numpy(((y - y_mean) / y_std).astype(np.float32))
+        loss_fn = torch.nn.MSELoss()
+    model = SmallCNN3D(n_classes if task == "classification" else 1, channels)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    tr = torch.from_numpy(np.asarray(train))
+    model.train()
+    for _ in range(epochs):
+        perm = tr[torch.randperm(len(tr), generator=g)]
+        for s in range(0, len(perm), batch_size):
+            idx = perm[s:s + batch_size]
+            if len(idx) < 2:  # BatchNorm needs two samples
+                continue
+            out = model(vol[idx])
+            loss = loss_fn(out, target[idx]) if task == "classification" else loss_fn(out[:, 0], target[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for s in range(0, len(test), batch_size):
+            preds.append(model(vol[torch.from_numpy(np.asarray(test[s:s + batch_size]))]))
+    out = torch.cat(preds)
+    if task == "classification":
+        return out.softmax(-1).numpy().astype(np.float64)
+    return out[:, 0].numpy().astype(np.float64) * y_std + y_mean

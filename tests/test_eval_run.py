@@ -1,0 +1,156 @@
+"""The evaluation stage end to end: a tiny pretraining run evaluated on shards of another import."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import shards as sh
+from pipeline.cli import main
+from pipeline.config import EvaluateConfig, ShardsConfig
+from pipeline.errors import InputError
+from pipeline.evaluation.embed import embed_samples, load_encoder, read_shard_samples
+from pipeline.evaluation.run import evaluate_run
+from pipeline.loader import ShardDataset
+from pipeline.pretrain.config import load_pretrain_config
+from pipeline.pretrain.train import Trainer
+
+R = 8
+ROIS = [f"7Networks_LH_{net}_{i}" for i, net in enumerate(["Vis", "Vis", "SomMot", "Default", "Default", "Cont", "Limbic", "DorsAttn"])]
+CFG = EvaluateConfig(bootstrap_resamples=100, permutations=50, inner_folds=3, kfold=3, logistic_cs=(0.1, 1.0, 10.0),
+                     ridge_alphas=(1.0, 100.0), attentive_epochs=5, max_windows=2, baselines=("fc_pearson", "fc_tangent", "random_encoder"))
+
+
+def _series(seed: int, label: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((100, R))
+    if label:  # planted connectivity: ROIs 0 and 1 coupled
+        x[:, 1] = 0.95 * x[:, 0] + 0.3 * x[:, 1]
+    return x.astype(np.float32)
+
+
+def _import(root: Path, prefix: str, sites: list[str], n: int = 48, seed: int = 0) -> Path:
+    labels = {f"{prefix}-{i}": i % 2 for i in range(n)}
+    table = pd.DataFrame({
+        "sample_id": list(labels), "subject": [f"{prefix}{i}" for i in range(n)],
+        "store": "fmri-Toy", "kind": "fmri", "atlas": "Toy", "modality": "timeseries",
+        "site": [sites[(i // 2) % len(sites)] for i in range(n)],
+        "diagnosis": ["autism" if v else "control" for v in labels.values()],
+        "age": np.linspace(7, 40, n),
+    })
+    grads = {"fmri-Toy": pd.DataFrame({"roi": ROIS, **{f"g{k}": np.cos(np.arange(R) * (k + 1)) for k in range(3)}})}
+
+    def read(row):
+        return {"x_TR": _series(seed + int(row["sample_id"].split("-")[-1]), labels[row["sample_id"]]), "roi_names": ROIS}
+
+    sh.write_shards(table, root, ShardsConfig(samples_per_shard=16), read_sample=read, gradients=grads,
+                    label_columns=["diagnosis", "age"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("eval")
+    train_shards = _import(base / "shards_a", "a", ["A", "B"])
+    other_shards = _import(base / "shards_b", "b", ["S<1>", "S&2"], seed=1000)
+    cfg = load_pretrain_config("tiny")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=3, checkpoint_every=3, log_every=1, warmup_steps=1))
+    ds = ShardDataset(train_shards, store="fmri-Toy", training=True)
+    run_dir = base / "run"
+    Trainer(cfg, ds, run_dir, progress=False).fit()
+    return {"run": run_dir, "a": train_shards, "b": other_shards, "base": base}
+
+
+def test_evaluation_of_a_run_on_shards_from_another_import(setup):
+    out = setup["base"] / "report_b"
+    res = evaluate_run(setup["run"], setup["b"], "diagnosis", split="site", cfg=CFG, out_dir=out,
+                       reference_shards=setup["a"])
+    assert res["store"] == "fmri-Toy" and res["n_samples"] == 48
+    assert res["gradients"].startswith("reference store")
+    assert set(res["models"]) == {"moe_jepa_linear", "moe_jepa_attentive", "random_encoder_linear", "fc_pearson", "fc_tangent"}
+    # The planted coupling is found by the connectivity baselines.
+    assert res["models"]["fc_pearson"]["metrics"]["auroc"]["value"] > 0.9
+    for info in res["models"].values():
+        for v in info["metrics"].values():
+            if v["value"] is not None and np.isfinite(v["value"]):
+                assert v["low"] <= v["value"] <= v["high"]
+    assert res["best_baseline"] in ("fc_pearson", "fc_tangent")
+    assert set(res["comparisons"]) == {"moe_jepa_linear", "moe_jepa_attentive"}
+    assert [f["name"] for f in res["folds"]] == ["site-S&2", "site-S<1>"]
+    # One MoE layer in the tiny encoder; networks come from the Schaefer names.
+    assert len(res["routing"]) == 1
+    assert res["routing"][0]["networks"][:2] == ["Vis", "SomMot"]
+    assert np.allclose(np.sum(res["routing"][0]["fractions"], axis=1), 1.0)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["target"] == "diagnosis"
+    page = (out / "report.html").read_text()
+    assert "S&lt;1&gt;" in page and "S<1>" not in page
+    assert "data:image/png;base64" in page
+    preds = pd.read_csv(out / "predictions.tsv", sep="\t")
+    assert len(preds) == 48 and "fc_pearson__p_autism" in preds
+
+
+def test_embeddings_are_cached_and_random_encoder_differs(setup):
+    samples = read_shard_samples(setup["a"], "diagnosis")
+    enc = load_encoder(setup["run"])
+    cache = setup["base"] / "cache"
+    first = embed_samples(enc, samples, gradients_Rk=samples.gradients_Rk, max_windows=2, cache_dir=cache)
+    files = sorted(cache.iterdir())
+    assert len(files) == 1
+    again = embed_samples(enc, samples, gradients_Rk=samples.gradients_Rk, max_windows=2, cache_dir=cache)
+    assert np.array_equal(first.pooled_ND, again.pooled_ND)
+    assert sorted(cache.iterdir()) == files
+    assert first.pooled_ND.shape == (48, enc.cfg.model.dim) and first.tokens_NRD.shape == (48, R, enc.cfg.model.dim)
+    rnd = embed_samples(load_encoder(setup["run"], random_init=True), samples, gradients_Rk=samples.gradients_Rk,
+                        max_windows=2, cache_dir=cache)
+    assert not np.allclose(rnd.pooled_ND, first.pooled_ND)
+    assert len(list(cache.iterdir())) == 2
+    # Routing counts: every token of every window assigned top_k times.
+    T, patch, k = enc.cfg.fmri.num_frames, enc.cfg.fmri.patch, enc.cfg.moe.top_k
+    assert first.routing[0].sum() == 48 * 1 * R * (T // patch) * k  # 100 frames -> one 64-frame window
+
+
+def test_cli_kfold_regression_and_errors(setup, capsys):
+    out = setup["base"] / "cli_age"
+    code = main(["evaluate", str(setup["run"]), "--shards", str(setup["a"]), "--target", "age", "--split", "kfold",
+                 "--bootstrap", "50", "--permutations", "20", "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "mae" in text and "fc_pearson" in text
+    res = json.loads((out / "results.json").read_text())
+    assert res["task"] == "regression" and res["models"]["fc_pearson"]["metrics"]["r2"]["value"] is not None
+    assert (out / "neurocurate_config.toml").is_file()
+    assert main(["evaluate", str(setup["run"]), "--shards", str(setup["a"]), "--target", "handedness"]) == 2
+    assert "no label column 'handedness'" in capsys.readouterr().err
+    with pytest.raises(InputError, match="needs a classification target"):
+        evaluate_run(setup["run"], setup["a"], "age", few_shot=2, cfg=CFG)
+    with pytest.raises(InputError, match="unknown baseline"):
+        evaluate_run(setup["run"], setup["a"], "diagnosis", cfg=dataclasses.replace(CFG, baselines=("fc_magic",)))
+    with pytest.raises(InputError, match="no checkpoint"):
+        evaluate_run(setup["base"] / "nothing", setup["a"], "diagnosis", cfg=CFG)
+
+
+def test_reference_shards_with_other_rois_are_refused(setup, tmp_path):
+    other = tmp_path / "other"
+    table = pd.DataFrame({"sample_id": ["x-0", "x-1"], "subject": ["x0", "x1"], "store": "fmri-Toy", "kind": "fmri",
+                          "atlas": "Toy", "modality": "timeseries", "site": "A", "diagnosis": ["autism", "control"]})
+    sh.write_shards(table, other, ShardsConfig(), label_columns=["diagnosis"],
+                    read_sample=lambda row: {"x_TR": np.random.default_rng(0).standard_normal((80, 3)).astype(np.float32),
+                                             "roi_names": ["a", "b", "c"]})
+    with pytest.raises(InputError, match="ROI names differ"):
+        evaluate_run(setup["run"], setup["b"], "diagnosis", cfg=CFG, reference_shards=other)
+
+
+def test_few_shot_through_the_stage(setup):
+    res = evaluate_run(setup["run"], setup["a"], "diagnosis", split="kfold", few_shot=3,
+                       cfg=dataclasses.replace(CFG, attentive_probe=False), out_dir=setup["base"] / "fs")
+    fs = res["few_shot"]
+    assert fs["k"] == 3 and set(fs["models"]) == {"moe_jepa_linear", "random_encoder_linear", "fc_pearson", "fc_tangent"}
+    assert len(fs["models"]["fc_pearson"]["metrics"]["auroc"]["values"]) == CFG.few_shot_resamples
