@@ -81,6 +81,11 @@ def design_figures(timeseries_tsv: Path, regressor_T: np.ndarray) -> dict:
     }
 
 
+def _ratio(f: dict) -> str:
+    """Vis / next-best network; only meaningful when the next one is positive."""
+    return f"{f['vis'] / f['next']:.2f}" if f["next"] > 0 else "inf (next <= 0)"
+
+
 def crude_pipeline(work: Path, epi_template: Path, n_dummy: int) -> Path:
     """No motion correction, no denoising: rigid EPI-template fit, resample, ROI means."""
     import ants
@@ -153,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{net:12s} {ours['network_means'][net]:9.3f} {ref['network_means'].get(net, float('nan')):9.3f}")
     for label, f in (("workflow", ours), ("crude", ref), ("partial", partial)):
         print(f"{label:8s}: {f['n_rois']} ROIs x {f['n_volumes']} volumes; top network {f['top']}; "
-              f"Vis {f['vis']:.3f}, next ({f['next_name']}) {f['next']:.3f}, ratio {f['vis'] / f['next']:.2f}; "
+              f"Vis {f['vis']:.3f}, next ({f['next_name']}) {f['next']:.3f}, Vis/next {_ratio(f)}; "
               f"best ROI {f['best_roi']} r = {f['best_r']:.3f}")
     print(f"workflow / crude: Vis mean r x{ours['vis'] / ref['vis']:.2f}, best ROI r x{ours['best_r'] / ref['best_r']:.2f}, "
-          f"Vis/next ratio x{(ours['vis'] / ours['next']) / (ref['vis'] / ref['next']):.2f}")
+          f"Vis margin over next network {ours['vis'] - ours['next']:.3f} vs {ref['vis'] - ref['next']:.3f}")
     print(f"work dir: {work}")
     return 0
 

@@ -160,18 +160,28 @@ def _dataset(shards: Path, cfg: PretrainConfig):
 
 
 def balance(shards: Path, steps: int, warmup: int, rate: float) -> dict[str, float]:
-    """Mean over steps after ``warmup`` and over MoE layers of expert load max/mean."""
+    """Expert load max/mean after ``warmup`` steps, balancing on and off.
+
+    ``<on|off>``: per-step max/mean (what sets the padded expert buffers),
+    averaged over steps and MoE layers; ``<on|off>_total``: max/mean of the
+    loads summed over all steps after warmup, averaged over layers.
+    """
     out = {}
     for on in (True, False):
         cfg = _abide_cfg(on, rate)
         with tempfile.TemporaryDirectory() as run:
             trainer = Trainer(cfg, _dataset(shards, cfg), run, progress=False)
-            loads = []
+            layers = moe_layers(trainer.model.encoder)
+            per_step, totals = [], [torch.zeros(m.num_experts) for m in layers]
             for _ in range(steps):
                 trainer.train_step(trainer.next_batch())
                 if trainer.step > warmup:
-                    loads.append(statistics.mean(float(m.last_stats["load_max_mean"]) for m in moe_layers(trainer.model.encoder)))
-        out["on" if on else "off"] = statistics.mean(loads)
+                    per_step.append(statistics.mean(float(m.last_stats["load_max_mean"]) for m in layers))
+                    for tot, m in zip(totals, layers):
+                        tot += m.last_load_E
+        key = "on" if on else "off"
+        out[key] = statistics.mean(per_step)
+        out[f"{key}_total"] = statistics.mean(float(t.max() / t.mean()) for t in totals)
     return out
 
 
@@ -205,11 +215,11 @@ def loss_curve(shards: Path, seconds: float, out_dir: Path) -> list[tuple[int, f
     return curve
 
 
-def gpu_figures(B: int, R: int, steps: int) -> dict[str, float]:
-    """bf16 tokens/s and model FLOPs utilisation of the MoE encoder on this GPU."""
+def gpu_figures(B: int, R: int, steps: int, device: str = "cuda") -> dict[str, float]:
+    """bf16 tokens/s and model FLOPs utilisation of the MoE model on this GPU."""
     cfg = _bench_cfg(False)
     batch = build_collator(cfg, 0)(_synthetic(B, R, 160), 0)
-    dt = _step_time(cfg, batch, "cuda", steps)
+    dt = _step_time(cfg, batch, device, steps)
     model = build_model(cfg)
     L = R * 10
     C, M = batch["ctx_idx"].shape[1], batch["tgt_idx"].shape[1]
@@ -223,7 +233,7 @@ def gpu_figures(B: int, R: int, steps: int) -> dict[str, float]:
     D, Dp, depth, pdepth = cfg.model.dim, cfg.model.pred_dim, cfg.model.depth, cfg.model.pred_depth
     flops = B * (6 * enc_active * C + 2 * enc_active * L + 6 * pred * (C + M))
     flops += B * (3 * 4 * depth * C * C * D + 4 * depth * L * L * D + 3 * 4 * pdepth * (C + M) ** 2 * Dp)
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     out = {"tokens_per_s": B * L / dt, "step_s": dt, "tflops": flops / dt / 1e12}
     if peak:
@@ -238,23 +248,38 @@ def main() -> None:
     ap.add_argument("--abide-limit", type=int, default=None, help="use only the first N ABIDE files")
     ap.add_argument("--balance-steps", type=int, default=100)
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "neurocurate_pretrain_bench"), help="where the loss plot goes")
+    ap.add_argument("--only", choices=["all", "throughput", "abide"], default="all", help="run one part only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only in ("all", "throughput"):
+        _print_throughput()
+    if args.only in ("all", "abide"):
+        _abide_figures(args)
+    if torch.cuda.is_available():
+        g = gpu_figures(B=16, R=450, steps=10)
+        print(f"\n== GPU ({torch.cuda.get_device_name()}), bf16, B=16, 450 ROIs x 160 frames")
+        print(f"{g['tokens_per_s']:.0f} tokens/s, {g['tflops']:.1f} TFLOP/s" + (f", MFU {g['mfu'] * 100:.1f}%" if "mfu" in g else ""))
+    else:
+        print("\n(no GPU: tokens/s and MFU on GPU not measured)")
 
+
+def _print_throughput() -> None:
     t = throughput("cpu", B=2, R=116, steps=8)
     print("== MoE vs dense FFN (equal active FLOPs), CPU train step after 10 balancing steps, B=2, 116 ROIs x 160 frames")
     print(f"dense: {t['dense_step_s'] * 1e3:.1f} ms/step  {t['dense_tokens_per_s']:.0f} tokens/s")
     print(f"moe:   {t['moe_step_s'] * 1e3:.1f} ms/step  {t['moe_tokens_per_s']:.0f} tokens/s")
     print(f"moe / dense step time: {t['moe_over_dense']:.2f}x (goal <= 1.2x)")
 
+
+def _abide_figures(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         shards = abide_shards(Path(tmp), args.abide_limit)
         print(f"\n(ABIDE CC200 shards written in {time.perf_counter() - t0:.1f} s)")
         b = balance(shards, args.balance_steps, warmup=args.balance_steps // 2, rate=0.01)
         print(f"== expert load max/mean after warmup ({args.balance_steps} steps, mean over steps > {args.balance_steps // 2} and layers)")
-        print(f"balancing on:  {b['on']:.2f} (goal <= 1.5)")
-        print(f"balancing off: {b['off']:.2f}")
+        print(f"balancing on:  {b['on']:.2f} per step, {b['on_total']:.2f} over all steps after warmup (goal <= 1.5)")
+        print(f"balancing off: {b['off']:.2f} per step, {b['off_total']:.2f} over all steps after warmup")
         print(f"off / on: {b['off'] / b['on']:.2f}x")
 
         curve = loss_curve(shards, args.abide_seconds, Path(args.out))
@@ -264,13 +289,6 @@ def main() -> None:
             print(f"step {step:5d}  {sec:6.1f} s  loss {loss:.4f}")
         if curve:
             print(f"loss last / first: {curve[-1][2] / curve[0][2]:.2f}; plot: {Path(args.out) / 'pretrain_abide_loss.png'}")
-
-    if torch.cuda.is_available():
-        g = gpu_figures(B=16, R=450, steps=10)
-        print(f"\n== GPU ({torch.cuda.get_device_name()}), bf16, B=16, 450 ROIs x 160 frames")
-        print(f"{g['tokens_per_s']:.0f} tokens/s, {g['tflops']:.1f} TFLOP/s" + (f", MFU {g['mfu'] * 100:.1f}%" if "mfu" in g else ""))
-    else:
-        print("\n(no GPU: tokens/s and MFU on GPU not measured)")
 
 
 if __name__ == "__main__":

@@ -120,14 +120,27 @@ def _entities(bids_file) -> dict[str, str]:
     return {_SHORT[k]: str(ents[k]) for k in SCAN_ENTITIES if k in ents and ents[k] not in (None, "")}
 
 
-def collect_scans(layout, participant_labels: list[str] | None = None) -> dict[str, SubjectScans]:
+def collect_scans(
+    layout, participant_labels: list[str] | None = None, errors: dict[str, InputError] | None = None
+) -> dict[str, SubjectScans]:
     """Every T1w, T2w, FLAIR and BOLD NIfTI per subject.
+
+    Parameters
+    ----------
+    layout : BIDSLayout
+    participant_labels : list of str, optional
+    errors : dict, optional
+        When given, a subject whose scans cannot be processed (a duplicate
+        image) is left out and its error stored here under its label, so one
+        bad subject never stops the others; otherwise the error is raised.
 
     Raises
     ------
     NeurocurateError
         When a requested participant label is not in the dataset, or none of
         the selected subjects has a usable image.
+    InputError
+        When a selected subject has two images with the same entities.
     """
     available = sorted(layout.get_subjects())
     if participant_labels:
@@ -142,6 +155,7 @@ def collect_scans(layout, participant_labels: list[str] | None = None) -> dict[s
         wanted = available
     out: dict[str, SubjectScans] = {}
     for sub in wanted:
+        _warn_unindexed(layout, sub)
         anat = [
             Scan(f.path, f.entities["suffix"], _entities(f))
             for f in layout.get(subject=sub, datatype="anat", suffix=list(ANAT_SUFFIXES), extension=[".nii", ".nii.gz"])
@@ -153,10 +167,42 @@ def collect_scans(layout, participant_labels: list[str] | None = None) -> dict[s
             except Exception:  # a malformed sidecar is reported by the BOLD validation
                 meta = {}
             bold.append(Scan(f.path, "bold", _entities(f), dict(meta)))
+        try:
+            _check_duplicates([*anat, *bold])
+        except InputError as exc:
+            if errors is None:
+                raise
+            errors[sub] = exc
+            continue
         out[sub] = SubjectScans(sub, tuple(sorted(anat, key=lambda s: s.path)), tuple(sorted(bold, key=lambda s: s.path)))
-    if not any(s.anat or s.bold for s in out.values()):
+    if not any(s.anat or s.bold for s in out.values()) and not errors:
         raise NeurocurateError(f"no T1w, T2w, FLAIR or BOLD images found for the selected participants in {layout.root}")
     return out
+
+
+def _warn_unindexed(layout, subject: str) -> None:
+    """Log one line per image under ``sub-<label>/`` that pybids skipped because its name is not BIDS."""
+    indexed = {os.path.realpath(p) for p in layout.get(subject=subject, extension=[".nii", ".nii.gz"], return_type="file")}
+    for path in sorted(Path(layout.root, f"sub-{subject}").rglob("*.nii*")):
+        if path.name.endswith((".nii", ".nii.gz")) and os.path.realpath(path) not in indexed:
+            LOG.warning("%s: not a valid BIDS file name; ignored", path)
+
+
+def _check_duplicates(scans: list[Scan]) -> None:
+    """Refuse two images of one subject with the same entities (``.nii`` next to ``.nii.gz``, ``run-1`` and ``run-01``).
+
+    Both would write the same derivatives (or BIDS-equal ones), and which one
+    the user meant cannot be guessed.
+    """
+    seen: dict[tuple, str] = {}
+    for scan in scans:
+        ents = tuple(sorted(
+            (k, str(int(v)) if k in ("run", "echo") and v.isdigit() else v) for k, v in scan.entities.items()
+        ))
+        key = (scan.suffix, ents)
+        if key in seen:
+            raise InputError(scan.path, f"duplicate of {seen[key]} (same subject, session, task, run and suffix); remove one")
+        seen[key] = scan.path
 
 
 def read_participants(bids_dir: str | Path) -> list[dict[str, str]] | None:

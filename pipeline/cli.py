@@ -26,6 +26,8 @@ COMMANDS: list[tuple[str, str]] = [
     ("import-timeseries", "pipeline.commands.import_timeseries"),
     ("gradients", "pipeline.commands.gradients"),
     ("evaluate", "pipeline.commands.evaluate"),
+    ("run", "pipeline.commands.run"),
+    ("demo", "pipeline.commands.demo"),
 ]
 
 EXIT_OK = 0

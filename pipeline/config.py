@@ -430,6 +430,24 @@ class EvaluateConfig:
     threads: int = 1
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """End-to-end runs (``neurocurate run`` / ``neurocurate demo``).
+
+    ``pretrain_config`` is a named pretraining config (tiny, small, base) or a
+    TOML file; ``pretrain_max_steps`` > 0 overrides its ``train.max_steps``.
+    The evaluate stage probes ``evaluate_target`` (a participants.tsv column)
+    with the ``evaluate_split`` scheme; an empty target skips the stage.
+    ``hash_chunk_mb`` is the read size when a changed input is re-hashed.
+    """
+
+    pretrain_config: str = "tiny"
+    pretrain_max_steps: int = 0
+    evaluate_target: str = "diagnosis"
+    evaluate_split: Literal["kfold", "site", "subject"] = "kfold"
+    hash_chunk_mb: int = 8
+
+
 # --- stage sections are added above this line --------------------------------
 
 
@@ -448,6 +466,7 @@ class Config:
     timeseries_import: ImportConfig = field(default_factory=ImportConfig)
     qc: QCConfig = field(default_factory=QCConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 # --------------------------------------------------------------------------- machinery

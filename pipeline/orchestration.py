@@ -122,7 +122,8 @@ def run_participant(
     output_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     layout = index_dataset(bids_dir, work_dir)
-    subjects = collect_scans(layout, participant_labels)
+    subject_errors: dict[str, Exception] = {}
+    subjects = collect_scans(layout, participant_labels, errors=subject_errors)
     write_dataset_description(output_dir, bids_dir)
     _merge_participants(bids_dir, output_dir)
     write_resolved_config(cfg, output_dir)
@@ -134,6 +135,14 @@ def run_participant(
     level = logging.getLogger().level
     nipype_logging.getLogger("nipype.workflow").setLevel(max(level, logging.WARNING))
 
+    _clear_old_crashes(output_dir, [*subjects, *subject_errors])
+    for sub, exc in sorted(subject_errors.items()):
+        target = output_dir / "logs" / f"sub-{sub}_bids_crash.txt"
+        atomic_write_text(target, f"{exc}\n")
+        print(f"error: sub-{sub}: {exc} (subject skipped; details: {target})")
+    if not subjects:
+        print(f"neurocurate prep: no subject could be processed; see {output_dir / 'logs'}")
+        return EXIT_ERROR
     wf = init_neurocurate_wf(subjects=subjects, output_dir=output_dir, work_dir=work_dir, cfg=cfg)
     wf.config["execution"].update({
         "crashdump_dir": str(crash_dir),
@@ -142,7 +151,6 @@ def run_participant(
         "stop_on_first_crash": cfg.execution.stop_on_first_crash,
         "remove_unnecessary_outputs": False,
     })
-    _clear_old_crashes(output_dir, list(subjects))
     n_scans = sum(len(s.anat) + len(s.bold) for s in subjects.values())
     print(f"neurocurate prep: {len(subjects)} subject(s), {n_scans} scan(s); work dir {work_dir}")
     started = time.time() - 1.0
@@ -159,11 +167,12 @@ def run_participant(
         print(f"error: sub-{rec.subject}: {rec.message} (details: {path})")
     if failed and not crashes:
         print("error: the workflow failed without a crash file; rerun with -vv for nipype's log")
-    bad = {rec.subject for rec in crashes}
+    bad = {rec.subject for rec in crashes} | set(subject_errors)
     ok = sorted(set(subjects) - bad)
-    _subject_reports(output_dir, ok + sorted(bad & set(subjects)), cfg)
-    print(f"neurocurate prep: {len(ok)} of {len(subjects)} subject(s) finished; derivatives in {output_dir}")
-    if failed or crashes:
+    _subject_reports(output_dir, ok + sorted(bad), cfg)
+    n_all = len(set(subjects) | set(subject_errors))
+    print(f"neurocurate prep: {len(ok)} of {n_all} subject(s) finished; derivatives in {output_dir}")
+    if failed or crashes or subject_errors:
         return EXIT_PARTIAL if ok else EXIT_ERROR
     return EXIT_OK
 

@@ -373,6 +373,13 @@ def _write_shard(job: _ShardJob, read_sample: ReadSample) -> list[dict[str, Any]
             )
             arr[...] = values
         os.replace(tmp, final)
+    except OSError as exc:
+        # A full disk or a lost mount: nothing was published, so the store and the index stay as they were.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise NeurocurateError(
+            f"{final}: could not write the shard ({exc.strerror or exc}); nothing was published and the "
+            "existing shards and index are unchanged"
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -644,7 +651,10 @@ def read_index(shards_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     path = Path(shards_dir) / INDEX_NAME
     if not path.exists():
         raise InputError(path, "no shard index here; run 'neurocurate shards OUTPUT_DIR' first")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise InputError(path, f"not a readable shard index ({type(exc).__name__}); rerun 'neurocurate shards'") from None
     meta = json.loads((table.schema.metadata or {}).get(_INDEX_META_KEY, b"{}"))
     return table.to_pandas(), meta
 
@@ -702,10 +712,17 @@ def _read_plain(array_dir: Path, layout: dict[str, Any], ranges: list[tuple[int,
         return outs
     n, rows = layout["n_chunks"], layout["chunk_rows"]
     row_bytes = layout["n_cols"] * layout["dtype"].itemsize
+    size = path.stat().st_size
+    if size < n * 16 + 4:
+        raise InputError(path, f"corrupted shard: {size} bytes, smaller than its own chunk index")
     with open(path, "rb") as fh:
         if layout["at_end"]:
             fh.seek(-(n * 16 + 4), os.SEEK_END)
         index = np.frombuffer(fh.read(n * 16 + 4)[:-4], dtype="<u8").reshape(n, 2)
+        stored = index[:, 0] != _NO_CHUNK
+        # A truncated or overwritten file shows up as chunks that point past its end (or have the wrong size).
+        if np.any(index[stored, 0] + index[stored, 1] > size) or np.any(index[stored, 1] != rows * row_bytes):
+            raise InputError(path, "corrupted shard: its chunk index points outside the file (truncated?)")
         for (lo, hi), out in zip(ranges, outs):
             for c in range(lo // rows, (hi - 1) // rows + 1):
                 r0, r1 = max(lo, c * rows), min(hi, (c + 1) * rows)
@@ -722,6 +739,10 @@ def _read_plain(array_dir: Path, layout: dict[str, Any], ranges: list[tuple[int,
     return outs
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
 def read_fmri_rows(store_dir: str | Path, shard: int, offsets: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
     """Read several runs of one fMRI shard.
 
@@ -735,12 +756,18 @@ def read_fmri_rows(store_dir: str | Path, shard: int, offsets: np.ndarray, lengt
     array_dir = shard_path(store_dir, shard) / "data"
     offsets = np.asarray(offsets, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
-    layout = _plain_layout(array_dir)
+    try:
+        layout = _plain_layout(array_dir)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(array_dir / "zarr.json", f"corrupted shard metadata ({type(exc).__name__}: {_one_line(exc)})") from None
     if layout is not None:
         return _read_plain(array_dir, layout, [(o, o + n) for o, n in zip(offsets.tolist(), lengths.tolist())])
     lo = int(np.min(offsets))
     hi = int(np.max(offsets + lengths))
-    block = np.asarray(zarr.open_array(str(array_dir), mode="r")[lo:hi], dtype=np.float32)
+    try:
+        block = np.asarray(zarr.open_array(str(array_dir), mode="r")[lo:hi], dtype=np.float32)
+    except Exception as exc:  # zarr and the codecs raise many types for damaged chunks
+        raise InputError(array_dir, f"corrupted shard ({type(exc).__name__}: {_one_line(exc)})") from None
     return [block[o - lo:o - lo + n].copy() for o, n in zip(offsets.tolist(), lengths.tolist())]
 
 
@@ -748,10 +775,13 @@ def read_anat_rows(store_dir: str | Path, shard: int, positions: np.ndarray) -> 
     """Read ``(volume [D, H, W] float32, mask [D, H, W] uint8)`` for positions of one anat shard."""
     import zarr
 
-    node = zarr.open_group(str(shard_path(store_dir, shard)), mode="r")
     lo, hi = int(np.min(positions)), int(np.max(positions)) + 1
-    x = np.asarray(node["x"][lo:hi], dtype=np.float32)
-    m = np.asarray(node["mask"][lo:hi])
+    try:
+        node = zarr.open_group(str(shard_path(store_dir, shard)), mode="r")
+        x = np.asarray(node["x"][lo:hi], dtype=np.float32)
+        m = np.asarray(node["mask"][lo:hi])
+    except Exception as exc:  # zarr and the codecs raise many types for damaged chunks
+        raise InputError(shard_path(store_dir, shard), f"corrupted shard ({type(exc).__name__}: {_one_line(exc)})") from None
     return [(x[p - lo].copy(), m[p - lo].copy()) for p in positions.tolist()]
 
 

@@ -78,3 +78,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     code = main(["prep", str(ds), str(tmp_path / "out"), "participant", "--participant-label", "99"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "99 not found" in err
+
+
+def test_duplicate_scan_skips_only_its_subject(tmp_path):
+    ds = _tiny_dataset(tmp_path / "ds")
+    src = ds / "sub-01/ses-a/anat/sub-01_ses-a_acq-mprage_run-1_T1w.nii.gz"
+    nib.save(nib.load(src), src.with_name("sub-01_ses-a_acq-mprage_run-01_T1w.nii.gz"))
+    layout = index_dataset(ds, tmp_path / "work")
+    errors = {}
+    scans = collect_scans(layout, errors=errors)
+    assert list(scans) == ["02"]
+    assert list(errors) == ["01"] and "duplicate of" in str(errors["01"])
+    with pytest.raises(InputError, match="duplicate of"):
+        collect_scans(layout, ["01"])

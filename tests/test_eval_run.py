@@ -133,6 +133,8 @@ def test_cli_kfold_regression_and_errors(setup, capsys):
         evaluate_run(setup["run"], setup["a"], "age", few_shot=2, cfg=CFG)
     with pytest.raises(InputError, match="unknown baseline"):
         evaluate_run(setup["run"], setup["a"], "diagnosis", cfg=dataclasses.replace(CFG, baselines=("fc_magic",)))
+    with pytest.raises(InputError, match="not in the index"):
+        evaluate_run(setup["run"], setup["a"], "diagnosis", cfg=CFG, store="fmri-Nope")
     with pytest.raises(InputError, match="no checkpoint"):
         evaluate_run(setup["base"] / "nothing", setup["a"], "diagnosis", cfg=CFG)
 

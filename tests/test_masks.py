@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pipeline.pretrain.config import AnatMaskConfig, FMRIMaskConfig, MoEConfig
-from pipeline.pretrain.masks import AnatCollator, FMRICollator, fmri_block_sizes, multiscale_block_mask
+from pipeline.pretrain.masks import AnatCollator, FMRICollator, multiscale_block_mask
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():

@@ -18,6 +18,7 @@ from pipeline.pretrain.vit import Transformer, TransformerConfig
 
 D = 16
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Tiny tensors on a shared 2-core machine: intra-op threads only add contention.

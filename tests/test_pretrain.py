@@ -16,6 +16,7 @@ from pipeline.pretrain.checkpoint import latest_checkpoint, load_checkpoint
 from pipeline.pretrain.config import PretrainConfig, config_from_dict, load_pretrain_config, named_configs
 from pipeline.pretrain.train import Trainer, build_collator, build_model, lr_lambda
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Tiny tensors on a shared 2-core machine: intra-op threads only add contention.

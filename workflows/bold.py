@@ -168,7 +168,8 @@ def init_bold_preproc_wf(
         wf.connect([
             (inputnode, register, [("t1w_preproc", "target_file"), ("t1w_mask", "target_mask")]),
             (inputnode, resample, [("anat2std_xfm", "anat2std_xfm")]),
-            (inputnode, tissues, [("t1w_preproc", "t1w_file"), ("anat2std_xfm", "anat2std_xfm")]),
+            (inputnode, tissues, [("t1w_preproc", "t1w_file"), ("t1w_mask", "t1w_mask"),
+                                  ("anat2std_xfm", "anat2std_xfm")]),
         ])
     else:
         register.inputs.target_file = target_label

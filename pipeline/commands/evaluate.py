@@ -53,5 +53,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:24s} {'baseline' if info['baseline'] else 'model   '} {m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]")
     for name, c in result["comparisons"].items():
         print(f"  {name} vs {c['against']}: difference {c['difference']:+.3f}, permutation p = {c['p_value']:.4f}")
+    if "few_shot" in result:
+        fs = result["few_shot"]
+        print(f"few-shot K={fs['k']} ({fs['resamples']} resamples): {metric} mean ± sd")
+        for name, info in fs["models"].items():
+            m = info["metrics"][metric]
+            print(f"  {name:24s} {m['mean']:.3f} ± {m['std']:.3f}")
     print(f"report: {out / 'report.html'}")
     return 0

@@ -94,7 +94,9 @@ def fit_predict_cnn3d(volumes_NXYZ: np.ndarray, y: np.ndarray, train: np.ndarray
     if task == "classification":
         target = torch.from_numpy(y.astype(np.int64))
         y_mean, y_std = 0.0, 1.0
-        loss_fn = torch.nn.CrossEntropyLoss()
+        counts = np.bincount(y[train].astype(np.int64), minlength=n_classes).astype(np.float32)
+        weight = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 0.0).astype(np.float32)
+        loss_fn: torch.nn.Module = torch.nn.CrossEntropyLoss(weight=torch.from_numpy(weight))
     else:
         y_mean, y_std = float(y[train].mean()), float(y[train].std() + 1e-8)
         target = torch.from_numpy(((y - y_mean) / y_std).astype(np.float32))

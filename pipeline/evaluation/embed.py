@@ -152,7 +152,10 @@ def read_shard_samples(shards_dir: str | Path, target: str | None, *, store: str
     from pipeline.loader import ShardDataset
 
     shards_dir = Path(shards_dir)
-    probe = ShardDataset(shards_dir, LoaderConfig(window_length=0, normalization="none"), store=store, training=False)
+    try:
+        probe = ShardDataset(shards_dir, LoaderConfig(window_length=0, normalization="none"), store=store, training=False)
+    except ValueError as exc:  # the loader refuses an ambiguous or unknown store with a ValueError
+        raise InputError(shards_dir / "index.parquet", str(exc)) from None
     if target is not None and target not in probe.label_columns:
         raise InputError(shards_dir / "index.parquet", f"no label column {target!r}; labels: {probe.label_columns}")
     # Volumes keep the loader's per-volume robust scaling (it needs no store statistics);

@@ -44,13 +44,15 @@ def _standardise(train_NF: np.ndarray, test_NF: np.ndarray) -> tuple[np.ndarray,
 def _logistic(C: float, seed: int):
     from sklearn.linear_model import LogisticRegression
 
-    return LogisticRegression(C=C, max_iter=2000, random_state=seed)
+    # Balanced class weights: with a rare class (female, patients at some sites) an
+    # unweighted probe predicts the majority for everyone and F1 / balanced accuracy say nothing.
+    return LogisticRegression(C=C, max_iter=2000, random_state=seed, class_weight="balanced")
 
 
 def fit_predict_linear(X_NF: np.ndarray, y: np.ndarray, subjects: np.ndarray, train: np.ndarray, test: np.ndarray,
                        task: str, *, n_classes: int = 2, cs: tuple[float, ...] = (1.0,),
                        alphas: tuple[float, ...] = (1.0,), inner_folds: int = 5, seed: int = 0) -> LinearProbeResult:
-    """Logistic (classification) or ridge (regression) probe with a nested choice of regularisation.
+    """Logistic (classification, balanced class weights) or ridge (regression) probe with a nested choice of regularisation.
 
     The inverse strength ``C`` (logistic) or ``alpha`` (ridge) is chosen by
     grouped inner cross-validation on the training rows (log-loss / squared
@@ -149,7 +151,12 @@ def fit_predict_attentive(tokens_NRD: np.ndarray, y: np.ndarray, train: np.ndarr
     model = AttentivePooler(D, out_dim, heads, n_tokens=tokens_NRD.shape[1])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
-    loss_fn = torch.nn.CrossEntropyLoss() if task == "classification" else torch.nn.MSELoss()
+    if task == "classification":
+        counts = np.bincount(y[train].astype(np.int64), minlength=n_classes).astype(np.float32)
+        weight = torch.from_numpy(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 0.0).astype(np.float32))
+        loss_fn: torch.nn.Module = torch.nn.CrossEntropyLoss(weight=weight)
+    else:
+        loss_fn = torch.nn.MSELoss()
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(len(Xtr), generator=g)

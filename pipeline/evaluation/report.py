@@ -89,7 +89,7 @@ def _curves(result: dict[str, Any], table: pd.DataFrame) -> str:
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
-        ax.set_title("ROC (positive class: see table)")
+        ax.set_title(f"ROC, positive class {positive}")
         ax.legend(fontsize=7, loc="lower right")
         return _png(fig)
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -178,7 +178,7 @@ def _routing(result: dict[str, Any]) -> str:
         ax.set_xticklabels([f"e{e}" for e in range(frac.shape[1])])
         ax.set_yticks(range(frac.shape[0]))
         ax.set_yticklabels(layer["networks"])
-        ax.set_title(f"MoE layer {i}: share of tokens per expert")
+        ax.set_title(f"MoE layer {i}: share of each network's assignments per expert", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.05)
         rows = "".join(
             f"<tr><td>{_e(net)}</td><td>{int(n)}</td>" + "".join(f"<td>{_fmt(v, 3)}</td>" for v in row) + "</tr>"

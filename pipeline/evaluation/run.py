@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import EvaluateConfig
+from pipeline.config import EvaluateConfig, config_to_dict
 from pipeline.errors import InputError
 from pipeline.evaluation.metrics import (
     higher_is_better,
@@ -204,15 +204,21 @@ def reference_gradients(samples, reference_shards: str | Path | None) -> tuple[n
     order, as the evaluated store. Without a reference the evaluated store's
     coordinates are used (the same thing when evaluating on the training shards).
     """
-    from pipeline.loader import ShardDataset
     from pipeline.config import LoaderConfig
+    from pipeline.loader import ShardDataset
 
+    if samples.kind != "fmri":
+        return None, "none (structural store)"
     if reference_shards is None:
         return samples.gradients_Rk, f"evaluated store {samples.store}"
-    ref = ShardDataset(reference_shards, LoaderConfig(window_length=0, normalization="none"), store=samples.store if samples.kind == "fmri" else None,
-                       training=False)
+    try:
+        ref = ShardDataset(reference_shards, LoaderConfig(window_length=0, normalization="none"), store=samples.store,
+                           training=False)
+    except ValueError as exc:  # the loader refuses an unknown store with a ValueError
+        raise InputError(Path(reference_shards) / "index.parquet", str(exc)) from None
     if ref.roi_names != samples.roi_names:
-        raise InputError(Path(reference_shards) / ref.store, f"ROI names differ from the evaluated store {samples.store}: the run's atlas must match")
+        raise InputError(Path(reference_shards) / ref.store,
+                         f"ROI names differ from the evaluated store {samples.store}: the run's atlas must match")
     grads = ref.gradients_Rk.numpy() if ref.gradients_Rk is not None else None
     return grads, f"reference store {Path(reference_shards) / ref.store}"
 
@@ -373,11 +379,10 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, target: str, *, sp
         "run_dir": str(run_dir), "checkpoint": str(enc.checkpoint), "step": enc.step, "shards_dir": str(shards_dir),
         "store": samples.store, "target": target, "classes": classes, "split": split, "n_samples": len(y),
         "n_subjects": int(np.unique(subjects).size), "gradients": grad_source, "routing": routing,
-        "roi_networks": dict(zip(*np.unique(networks, return_counts=True))) if networks else {},
+        "roi_networks": {str(n): int(c) for n, c in zip(*np.unique(networks, return_counts=True))},
         "seconds": {"read_and_embed": round(t_embed, 1), "total": round(time.perf_counter() - t0, 1)},
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+        "config": config_to_dict(cfg),
     })
-    result["roi_networks"] = {str(k): int(v) for k, v in result["roi_networks"].items()}
     table = _prediction_table(samples.index.iloc[tested], y[tested], preds, classes, task)
     write_report(out_dir, result, table)
     return result

@@ -95,8 +95,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise InputError(path, "checkpoint does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt files
-        raise InputError(path, f"not a loadable checkpoint ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # torch raises several types for truncated, corrupt or foreign files
+        # torch's weights-only messages are a multi-line tutorial; say in one line what went wrong.
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+        foreign = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if foreign:
+            raise InputError(path, f"holds {foreign.group(1)} objects, which a weights-only load refuses: "
+                                   "not a neurocurate checkpoint") from None
+        first = "" if not text or "Weights only load failed" in text else text.splitlines()[0][:200]
+        detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        raise InputError(path, f"not a loadable checkpoint, truncated or corrupt ({detail})") from None
     if not isinstance(payload, dict) or "model" not in payload or "step" not in payload:
         raise InputError(path, "not a neurocurate pretraining checkpoint (missing model/step)")
     return payload

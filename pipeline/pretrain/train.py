@@ -189,6 +189,8 @@ class Trainer:
         self.progress = progress
         if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
             self.load(ckpt)
+        elif self.rank == 0:
+            self._truncate_metrics()  # a fresh start: metrics of an older run would mix in
         # Written after a successful resume so a mismatching config never replaces the run's own.
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ hashes real content and never reuses a stale result.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -29,6 +30,8 @@ __all__ = [
     "TemplateMaskToNative",
     "ResampleToTemplate",
 ]
+
+LOG = logging.getLogger(__name__)
 
 
 def _out(runtime, name: str) -> str:
@@ -62,6 +65,10 @@ class ValidateAnat(SimpleInterface):
         fixes = ops.validate_anat_file(
             self.inputs.in_file, out, qform_sform_tolerance_mm=self.inputs.qform_sform_tolerance_mm
         )
+        for fix in fixes:
+            # One line per repair naming the file, as the BOLD validation does; reorienting is routine.
+            level = logging.INFO if fix.startswith("reoriented") else logging.WARNING
+            LOG.log(level, "%s: %s", self.inputs.in_file, fix)
         fixes_file = _out(runtime, "validation_fixes.json")
         Path(fixes_file).write_text(json.dumps(fixes))
         self._results.update(out_file=out, fixes_file=fixes_file)

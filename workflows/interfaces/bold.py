@@ -261,6 +261,7 @@ class _TissueInputSpec(BaseInterfaceInputSpec):
     std_t1w = File(exists=True, mandatory=True, desc="MNI brain T1w template")
     std_brain_mask = File(exists=True, mandatory=True)
     t1w_file = File(exists=True, desc="subject T1w (native); unset: classify the template")
+    t1w_mask = File(exists=True, desc="subject brain mask (native); intersected with the template mask")
     anat2std_xfm = File(exists=True)
     wm_erosion = traits.Int(2, usedefault=True)
     csf_erosion = traits.Int(1, usedefault=True)
@@ -278,13 +279,24 @@ class TissueMasks(SimpleInterface):
     output_spec = _TissueOutputSpec
 
     def _run_interface(self, runtime):
-        from workflows.ops.bold import resample_image, tissue_masks
+        import nibabel as nib
 
-        t1 = self.inputs.std_t1w
+        from workflows.ops.bold import _save_like, resample_image, tissue_masks
+
+        t1, mask = self.inputs.std_t1w, self.inputs.std_brain_mask
         if isdefined(self.inputs.t1w_file) and isdefined(self.inputs.anat2std_xfm):
-            t1 = str(resample_image(self.inputs.t1w_file, [self.inputs.anat2std_xfm], self.inputs.std_t1w,
-                                    _cwd("t1w_std.nii.gz")))
-        wm, csf = tissue_masks(t1, self.inputs.std_brain_mask, _cwd("wm_mask.nii.gz"), _cwd("csf_mask.nii.gz"),
+            xfm = [self.inputs.anat2std_xfm]
+            t1 = str(resample_image(self.inputs.t1w_file, xfm, self.inputs.std_t1w, _cwd("t1w_std.nii.gz")))
+            if isdefined(self.inputs.t1w_mask):
+                # The T1w keeps its skull: only the subject's own brain mask
+                # keeps bright scalp out of the white-matter class.
+                own = resample_image(self.inputs.t1w_mask, xfm, self.inputs.std_t1w, _cwd("t1w_mask_std.nii.gz"),
+                                     interpolator="nearestNeighbor")
+                tpl = nib.load(self.inputs.std_brain_mask)
+                both = (np.asanyarray(tpl.dataobj) > 0) & (np.asanyarray(nib.load(str(own)).dataobj) > 0)
+                mask = _cwd("brain_mask_std.nii.gz")
+                _save_like(both.astype(np.uint8), tpl, mask)
+        wm, csf = tissue_masks(t1, mask, _cwd("wm_mask.nii.gz"), _cwd("csf_mask.nii.gz"),
                                self.inputs.wm_erosion, self.inputs.csf_erosion)
         self._results.update(wm_mask=str(wm), csf_mask=str(csf))
         return runtime
