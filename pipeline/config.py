@@ -91,6 +91,8 @@ class AnatConfig:
     registration_seed: int = 13
     # N4 runs within a head mask at 1/4 resolution: the field is smooth, and it keeps N4 at a few seconds.
     n4_shrink_factor: int = 4
+    # N4 fits the (smooth) field on a copy at this resolution, then interpolates it back; 0 = native grid.
+    n4_working_resolution_mm: float = 2.0
     n4_iterations: tuple[int, ...] = (50, 50, 50, 50)
     n4_convergence: float = 1e-7
     deepbet_threshold: float = 0.5

@@ -44,6 +44,7 @@ __all__ = [
     "Decision",
     "RunResult",
     "Stage",
+    "StageNotApplicable",
     "StageOutcome",
     "StageRunner",
     "default_stages",
@@ -60,6 +61,10 @@ _LIGHT_BIDS_FILES = {"participants.tsv", "participants.json", "dataset_descripti
 _SKIP_BIDS_DIRS = {"derivatives", "sourcedata", "code", "stimuli"}
 # Files under OUTPUT_DIR/sub-* that QC itself or the reports write.
 _REPORT_SUFFIXES = (".html", ".svg", ".png")
+
+
+class StageNotApplicable(Exception):
+    """Raised by a stage's ``inputs`` when the stage does not apply to this dataset (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -317,9 +322,16 @@ def execute_pretrain(ctx: Context, decision: Decision) -> int:
 
 def evaluate_inputs(ctx: Context) -> dict[str, Path] | None:
     """The newest checkpoint and the shard index; None without a target or a trained model."""
-    if not ctx.cfg.run.evaluate_target:
+    target = ctx.cfg.run.evaluate_target
+    if not target:
         return None
     index = _index_input(ctx)
+    if index is not None:
+        import pyarrow.parquet as pq
+
+        if target not in pq.read_schema(index["shards/index.parquet"]).names:
+            raise StageNotApplicable(f"no {target!r} column in participants.tsv (shard index); "
+                                     "set [run].evaluate_target or --target")
     # Checkpoints are checkpoints/step-<8 digits>.pt (pipeline.pretrain.checkpoint): the name order is the step
     # order, and globbing here spares the plan a torch import.
     steps = sorted((ctx.pretrain_dir / "checkpoints").glob("step-*.pt"))
@@ -431,7 +443,10 @@ class StageRunner:
         """Decide now, from the files on disk, whether stage ``name`` has to run."""
         stage = self.stages[name]
         ctx = self.ctx
-        files = stage.inputs(ctx)
+        try:
+            files = stage.inputs(ctx)
+        except StageNotApplicable as exc:
+            return Decision(name, False, skip=str(exc))
         if files is None:
             return Decision(name, False, skip=stage.skip_reason or "not applicable")
         manifest = read_manifest(ctx.output_dir, name)

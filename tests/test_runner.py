@@ -327,3 +327,16 @@ def test_file_states_rehash_only_moved_files(tmp_path):
     assert file_states({"a": f}, fake)["a"].sha256 == "cached"  # size+mtime equal: no read
     f.write_text("two!")
     assert file_states({"a": f}, fake)["a"].sha256 != "cached"
+
+
+def test_evaluate_skips_with_reason_when_target_column_is_missing(dataset):
+    bids, out = dataset
+    calls = Calls()
+    stages = with_stage(_fake_stages(calls), "evaluate", inputs=default_stages()[5].inputs)
+    runner = StageRunner(bids, out, _cfg(run={"evaluate_target": "age", "pretrain_max_steps": 5}), stages=stages)
+    (out / "pretrain" / "checkpoints").mkdir(parents=True)
+    (out / "pretrain" / "checkpoints" / "step-00000005.pt").write_bytes(b"x")
+    result = runner.run()
+    evaluate = result.outcomes[-1]
+    assert evaluate.status == "skipped" and "no 'age' column" in evaluate.message
+    assert result.exit_code == 0

@@ -91,6 +91,7 @@ def init_anat_preproc_wf(
             shrink_factor=a.n4_shrink_factor,
             iterations=list(a.n4_iterations),
             convergence=a.n4_convergence,
+            working_resolution_mm=a.n4_working_resolution_mm,
             num_threads=threads,
         ),
         name="n4",

@@ -80,6 +80,7 @@ class _N4InputSpec(BaseInterfaceInputSpec):
     shrink_factor = traits.Int(4, usedefault=True)
     iterations = traits.List(traits.Int, [50, 50, 50, 50], usedefault=True)
     convergence = traits.Float(1e-7, usedefault=True)
+    working_resolution_mm = traits.Float(2.0, usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
 
 
@@ -104,6 +105,7 @@ class N4Correct(SimpleInterface):
             shrink_factor=self.inputs.shrink_factor,
             iterations=self.inputs.iterations,
             convergence=self.inputs.convergence,
+            working_resolution_mm=self.inputs.working_resolution_mm,
         )
         self._results.update(out_file=out, bias_field=bias)
         return runtime
