@@ -123,7 +123,9 @@ def worker_figures(args, config: Path, labels: list[str], figures: list[tuple[st
     for nprocs in (1, 2):
         ws = args.workdir / f"workers{nprocs}"
         wbids = make_dataset(ws, args.shared_data, labels[:4])
-        times[nprocs], code, _ = timed_run(wbids, ws / "out", config, nprocs)
+        times[nprocs], code, text = timed_run(wbids, ws / "out", config, nprocs)
+        stage_lines = [ln for ln in text.splitlines() if ln.split(" ", 1)[0] in ("prep", "qc", "shards")]
+        print(f"{nprocs} worker(s):", " | ".join(" ".join(ln.split()) for ln in stage_lines))
         if code != 0:
             print(f"{nprocs}-worker run failed with exit code {code}", file=sys.stderr)
             return code

@@ -89,6 +89,14 @@ def _clear_old_crashes(output_dir: Path, subjects: list[str]) -> None:
             path.unlink(missing_ok=True)
 
 
+def _remove_stale_temporaries(output_dir: Path) -> None:
+    """Delete temporary files a killed run left behind (atomic writes use ``.<name>.<random>.tmp<ext>``)."""
+    for pattern in ("sub-*/**/.*.tmp*", "logs/.*.tmp*", ".*.tmp*"):
+        for path in output_dir.glob(pattern):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+
+
 def _merge_participants(bids_dir: Path, output_dir: Path) -> None:
     """Carry participants.tsv into the derivatives (labels for shards and evaluation)."""
     import pandas as pd
@@ -121,6 +129,7 @@ def run_participant(
 
     output_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(output_dir)
     layout = index_dataset(bids_dir, work_dir)
     subject_errors: dict[str, Exception] = {}
     subjects = collect_scans(layout, participant_labels, errors=subject_errors)

@@ -80,7 +80,7 @@ class _N4InputSpec(BaseInterfaceInputSpec):
     shrink_factor = traits.Int(4, usedefault=True)
     iterations = traits.List(traits.Int, [50, 50, 50, 50], usedefault=True)
     convergence = traits.Float(1e-7, usedefault=True)
-    working_resolution_mm = traits.Float(2.0, usedefault=True)
+    working_resolution_mm = traits.Float(0.0, usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
 
 
