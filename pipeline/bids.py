@@ -20,7 +20,10 @@ from typing import Any
 
 from pipeline.errors import InputError, NeurocurateError
 
-__all__ = ["Scan", "SubjectScans", "check_bids_root", "collect_scans", "dataset_fingerprint", "index_dataset"]
+__all__ = [
+    "Scan", "SubjectScans", "check_bids_root", "collect_scans", "dataset_fingerprint", "index_dataset",
+    "load_bold_image", "read_participants",
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -203,6 +206,21 @@ def _check_duplicates(scans: list[Scan]) -> None:
         if key in seen:
             raise InputError(scan.path, f"duplicate of {seen[key]} (same subject, session, task, run and suffix); remove one")
         seen[key] = scan.path
+
+
+def load_bold_image(bold_file: str | Path):
+    """Open a BOLD run, failing with one line that names the file unless it is a readable 4-D image."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(bold_file))
+    except FileNotFoundError:
+        raise InputError(bold_file, "BOLD file does not exist") from None
+    except Exception as exc:
+        raise InputError(bold_file, f"cannot read BOLD image ({exc})") from None
+    if img.ndim != 4:
+        raise InputError(bold_file, f"BOLD image must be 4-D, got shape {img.shape}")
+    return img
 
 
 def read_participants(bids_dir: str | Path) -> list[dict[str, str]] | None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.atlas import Atlas, load_labels_array
 from pipeline.atomic import atomic_write_text
+from pipeline.bids import load_bold_image
 from pipeline.errors import InputError
 
 __all__ = [
@@ -228,16 +229,8 @@ def extract_timeseries(bold_file: str, atlas: Atlas, out_tsv: Path, repetition_t
     InputError
         When the BOLD file cannot be read or is not 4-D.
     """
-    import nibabel as nib
 
-    try:
-        img = nib.load(str(bold_file))
-    except FileNotFoundError:
-        raise InputError(bold_file, "BOLD file does not exist") from None
-    except Exception as exc:
-        raise InputError(bold_file, f"cannot read BOLD image ({exc})") from None
-    if img.ndim != 4:
-        raise InputError(bold_file, f"BOLD image must be 4-D, got shape {img.shape}")
+    img = load_bold_image(bold_file)
     try:
         result = parcellate_img(img, atlas)
     except (OSError, EOFError, ValueError) as exc:

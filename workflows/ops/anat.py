@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.errors import InputError
+from workflows.ops.seeding import ants_seed
 
 __all__ = [
     "deepbet_mask",
@@ -252,12 +253,7 @@ def register_affine(
     moving = ants.image_read(moving_file)
     if moving_mask:
         moving = moving * ants.image_read(moving_mask)
-    # antspyx 0.6 reads the seed from ants.config (its random_seed argument is
-    # swallowed by **kwargs); without it the Mattes sampling differs per run
-    # and reruns would not be byte-identical.
-    previous_seed = getattr(ants.config, "_random_seed", None)
-    ants.config._random_seed = seed
-    try:
+    with ants_seed(seed):
         result = ants.registration(
             fixed=fixed,
             moving=moving,
@@ -267,8 +263,6 @@ def register_affine(
             aff_shrink_factors=tuple(shrink_factors),
             aff_smoothing_sigmas=tuple(smoothing_sigmas),
         )
-    finally:
-        ants.config._random_seed = previous_seed
     shutil.copyfile(result["fwdtransforms"][0], out_xfm)
     for p in {*result["fwdtransforms"], *result["invtransforms"]}:
         Path(p).unlink(missing_ok=True)

@@ -10,7 +10,6 @@ once.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -20,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.bids import load_bold_image
 from pipeline.errors import InputError, NeurocurateError
 from workflows.ops.confounds import leading_outliers, rigid_parameters
+from workflows.ops.seeding import ants_seed
 
 __all__ = [
     "BoldValidation",
@@ -54,23 +55,6 @@ EPI_TEMPLATE_NAMES = (
     "tpl-MNI152NLin6Asym/tpl-MNI152NLin6Asym_res-02_desc-EPI_boldref.nii.gz",
     "tpl-MNI152NLin6Asym_res-02_desc-EPI_boldref.nii.gz",
 )
-
-
-@contextlib.contextmanager
-def ants_seed(seed: int | None):
-    """Seed ANTs registrations (metric sampling) inside the block, then restore.
-
-    ``ants.config.set_ants_deterministic`` would also reseed numpy globally and
-    pin ITK to one thread for the whole process; only the seed is wanted here.
-    """
-    import ants.config
-
-    previous = ants.config._random_seed
-    ants.config._random_seed = seed
-    try:
-        yield
-    finally:
-        ants.config._random_seed = previous
 
 
 # ANTs stores physical points in LPS; BIDS confounds are reported in RAS.
@@ -114,17 +98,9 @@ def validate_bold(bold_file: str | Path, sidecar_tr: float | None, min_volumes: 
         When the file cannot be read, is not 4-D, has fewer than
         ``min_volumes`` volumes, or no usable TR is found anywhere.
     """
-    import nibabel as nib
 
     bold_file = Path(bold_file)
-    try:
-        img = nib.load(str(bold_file))
-    except FileNotFoundError:
-        raise InputError(bold_file, "BOLD file does not exist") from None
-    except Exception as exc:
-        raise InputError(bold_file, f"cannot read BOLD image ({exc})") from None
-    if img.ndim != 4:
-        raise InputError(bold_file, f"BOLD image must be 4-D, got shape {img.shape}")
+    img = load_bold_image(bold_file)
     n_vols = int(img.shape[3])
     if n_vols < min_volumes:
         raise InputError(bold_file, f"BOLD run has {n_vols} volumes, fewer than the {min_volumes} required")
