@@ -52,7 +52,7 @@ def stimulus_regressor(events_tsv: Path, n_volumes: int, tr: float, n_dummy: int
 
 def network_of(roi: str) -> str:
     """Schaefer network, or ``Subcortex`` for the Tian ROIs."""
-    from pipeline.atlas import schaefer_network
+    from pipeline.roi.atlas import schaefer_network
 
     return schaefer_network(roi) or "Subcortex"
 
@@ -90,8 +90,8 @@ def crude_pipeline(work: Path, epi_template: Path, n_dummy: int) -> Path:
     """No motion correction, no denoising: rigid EPI-template fit, resample, ROI means."""
     import ants
 
-    from pipeline.atlas import load_atlas
-    from pipeline.parcellation import extract_timeseries
+    from pipeline.roi.atlas import load_atlas
+    from pipeline.roi.parcellation import extract_timeseries
     from workflows.ops.bold import bold_reference, drop_volumes, identity_transforms, register_reference, resample_bold
 
     steady = drop_volumes(BOLD, n_dummy, work / "crude_steady.nii")
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="working directory (default: a temporary one)")
     args = parser.parse_args(argv)
 
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from workflows.bold import init_bold_preproc_wf
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bold-bench-"))

@@ -7,7 +7,7 @@ Steps (work folder reused between runs):
 2. a short CPU pretraining run (the ``tiny`` config with batch 8 and
    ``--steps`` steps) on the train split;
 3. ``evaluate_run`` with leave-site-out splits for ``diagnosis`` and ``sex``
-   (default :class:`~pipeline.config.EvaluateConfig`: 1000 bootstrap
+   (default :class:`~pipeline.core.config.EvaluateConfig`: 1000 bootstrap
    resamples, 1000 permutations);
 
 and prints, per target, every model's AUROC with its 95 % interval, its ratio
@@ -37,10 +37,10 @@ SITES = ["NYU", "UM_1"]
 
 def prepare_shards(work: Path) -> Path:
     """ABIDE dev sites -> OUTPUT_DIR with curation table, gradients and shards (skipped when present)."""
-    from pipeline.config import GradientsConfig, ImportConfig, ShardsConfig
-    from pipeline.gradients import build_group_gradients
-    from pipeline.shards import build_shards
-    from pipeline.timeseries_import import import_timeseries
+    from pipeline.core.config import GradientsConfig, ImportConfig, ShardsConfig
+    from pipeline.roi.gradients import build_group_gradients
+    from pipeline.store.shards import build_shards
+    from pipeline.stages.import_series import import_timeseries
 
     out = work / "abide_out"
     if (out / "shards" / "index.parquet").is_file():
@@ -64,8 +64,8 @@ def prepare_shards(work: Path) -> Path:
 
 def pretrain(shards: Path, run_dir: Path, steps: int) -> float:
     """Tiny MoE-JEPA run on the train split; returns seconds (0 when the run already exists)."""
-    from pipeline.config import LoaderConfig
-    from pipeline.loader import ShardDataset
+    from pipeline.core.config import LoaderConfig
+    from pipeline.store.loader import ShardDataset
     from pipeline.pretrain.checkpoint import latest_checkpoint
     from pipeline.pretrain.config import load_pretrain_config
     from pipeline.pretrain.train import Trainer
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     parser.add_argument("--targets", nargs="+", default=["diagnosis", "sex"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from pipeline.config import EvaluateConfig
+    from pipeline.core.config import EvaluateConfig
     from pipeline.evaluation.embed import embed_samples, load_encoder, read_shard_samples
     from pipeline.evaluation.run import evaluate_run
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from pipeline.atlas import majority_networks
-from pipeline.config import GradientsConfig, ImportConfig
-from pipeline.gradients import build_group_gradients
-from pipeline.timeseries_import import import_timeseries
+from pipeline.roi.atlas import majority_networks
+from pipeline.core.config import GradientsConfig, ImportConfig
+from pipeline.roi.gradients import build_group_gradients
+from pipeline.stages.import_series import import_timeseries
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NEUROCURATE_SHARED_DATA", REPO.parent / "shared" / "data"))

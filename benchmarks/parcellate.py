@@ -1,4 +1,4 @@
-"""Parcellation speed and agreement: pipeline.parcellation vs nilearn NiftiLabelsMasker (mean).
+"""Parcellation speed and agreement: pipeline.roi.parcellation vs nilearn NiftiLabelsMasker (mean).
 
 Two runs, each timed for both implementations in the same process:
 
@@ -28,9 +28,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.atlas import load_atlas
-from pipeline.parcellation import parcellate_img
-from pipeline.templates import get_template
+from pipeline.roi.atlas import load_atlas
+from pipeline.roi.parcellation import parcellate_img
+from pipeline.core.templates import get_template
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NEUROCURATE_SHARED_DATA", REPO.parent / "shared" / "data"))

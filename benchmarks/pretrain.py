@@ -117,7 +117,7 @@ def abide_shards(root: Path, limit: int | None) -> Path:
     """Write the ABIDE CC200 series into fMRI shards (one store, splits by subject)."""
     import pandas as pd
 
-    from pipeline.shards import write_shards
+    from pipeline.store.shards import write_shards
 
     files = sorted((ABIDE / "rois_cc200").glob("*_rois_cc200.1D"))[:limit]
     pheno = pd.read_csv(ABIDE / "Phenotypic_V1_0b_preprocessed1.csv")
@@ -153,8 +153,8 @@ def _abide_cfg(balance: bool, rate: float) -> PretrainConfig:
 
 
 def _dataset(shards: Path, cfg: PretrainConfig):
-    from pipeline.config import LoaderConfig
-    from pipeline.loader import ShardDataset
+    from pipeline.core.config import LoaderConfig
+    from pipeline.store.loader import ShardDataset
 
     return ShardDataset(shards, LoaderConfig(window_length=cfg.fmri.num_frames, seed=0), split="train", training=True)
 

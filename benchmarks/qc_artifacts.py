@@ -4,7 +4,7 @@ Real scans from ``../shared/data/anat`` are corrupted in native space with
 severe and mild versions of seven artifacts, then processed like the
 anatomical workflow does (N4 at ~2 mm, affine registration to the 2 mm
 MNI152NLin6Asym template, resampling of the N4 head image and bias field).
-The default :class:`pipeline.config.QCConfig` rules then decide each scan.
+The default :class:`pipeline.core.config.QCConfig` rules then decide each scan.
 
 Printed figures:
 
@@ -230,7 +230,7 @@ def _label(case: Case) -> str:
 
 def build_output_dir(cases: list[Case], template_dir: Path, out: Path) -> dict[str, Case]:
     """Lay the cached cases out as neurocurate derivatives (one subject per case)."""
-    from pipeline.derivatives import anat_outputs
+    from pipeline.core.derivatives import anat_outputs
 
     mask = template_dir / "MNI152NLin6Asym_res-2_desc-brain_mask.nii.gz"
     by_label = {}
@@ -256,7 +256,7 @@ def time_group_report(df, cfg, n: int) -> tuple[float, float]:
     """Seconds to render + write the group report, and to build the table (reference), for ``n`` scans."""
     import pandas as pd
 
-    from pipeline.derivatives import ENTITY_ORDER  # noqa: F401  (import cost outside the timing)
+    from pipeline.core.derivatives import ENTITY_ORDER  # noqa: F401  (import cost outside the timing)
     from qc.curation import ENTITY_COLUMNS, TRAILING_COLUMNS, build_table
     from qc.reports import render_group_report, write_html
 
@@ -283,7 +283,7 @@ def time_group_report(df, cfg, n: int) -> tuple[float, float]:
 
 
 def evaluate(cases: list[Case], template_dir: Path, n_report: int) -> int:
-    from pipeline.config import Config
+    from pipeline.core.config import Config
     from qc.curation import evaluate_rules, read_table
     from qc.group import run_group
 

@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader, Dataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import shards as sh  # noqa: E402
-from pipeline.config import LoaderConfig, ShardsConfig  # noqa: E402
-from pipeline.loader import ShardDataset, StreamLoader, collate_samples  # noqa: E402
+from pipeline.store import shards as sh  # noqa: E402
+from pipeline.core.config import LoaderConfig, ShardsConfig  # noqa: E402
+from pipeline.store.loader import ShardDataset, StreamLoader, collate_samples  # noqa: E402
 
 N_ROIS = 200
 
@@ -50,8 +50,8 @@ def abide_output_dir(abide: Path, out: Path) -> Path:
     if (out / "curation" / "curation.parquet").exists():
         return out
     try:
-        from pipeline.config import load_config
-        from pipeline.timeseries_import import import_timeseries
+        from pipeline.core.config import load_config
+        from pipeline.stages.import_series import import_timeseries
 
         import_timeseries([abide / "rois_cc200"], out, load_config().timeseries_import,
                           phenotypes=abide / "Phenotypic_V1_0b_preprocessed1.csv")
@@ -75,7 +75,7 @@ def abide_output_dir(abide: Path, out: Path) -> Path:
 
 
 def _abide_direct(abide: Path, out: Path) -> None:
-    from pipeline.derivatives import timeseries_output
+    from pipeline.core.derivatives import timeseries_output
 
     pheno = pd.read_csv(abide / "Phenotypic_V1_0b_preprocessed1.csv")
     parts = []

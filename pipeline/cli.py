@@ -14,8 +14,8 @@ import os
 import sys
 
 from pipeline import __version__
-from pipeline.config import ConfigError
-from pipeline.errors import NeurocurateError
+from pipeline.core.config import ConfigError
+from pipeline.core.errors import NeurocurateError
 
 # (sub-command name, module); order is the order shown in --help.
 COMMANDS: list[tuple[str, str]] = [

@@ -6,7 +6,7 @@ Stages run in one order, each consuming what the previous ones wrote::
 
 Before a stage runs, its inputs (files), the hash of the config sections it
 reads and the versions of the software it uses are compared with its
-manifest (:mod:`pipeline.manifest`). A stage whose inputs, config, versions
+manifest (:mod:`pipeline.core.manifest`). A stage whose inputs, config, versions
 and outputs are all as the manifest says is not invoked at all; otherwise the
 runner says why it runs. Prep goes further: only subjects whose files
 changed (or are new) are handed to nipype, whose per-node cache stays the
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, config_hash, config_to_dict
-from pipeline.errors import InputError, NeurocurateError
-from pipeline.manifest import (
+from pipeline.core.config import Config, config_hash, config_to_dict
+from pipeline.core.errors import InputError, NeurocurateError
+from pipeline.core.manifest import (
     FileState,
     Manifest,
     diff_inputs,
@@ -198,13 +198,13 @@ def execute_prep(ctx: Context, decision: Decision) -> int:
     """Run the participant level on the decided subjects (all when ``subjects`` is None)."""
     if decision.subjects == ():
         # Only dataset-level descriptions changed: refresh them, process nobody.
-        from pipeline.derivatives import write_dataset_description
-        from pipeline.orchestration import _merge_participants
+        from pipeline.core.derivatives import write_dataset_description
+        from pipeline.stages.prep import _merge_participants
 
         write_dataset_description(ctx.output_dir, ctx.bids_dir)
         _merge_participants(ctx.bids_dir, ctx.output_dir)
         return EXIT_OK
-    from pipeline.orchestration import run_participant
+    from pipeline.stages.prep import run_participant
 
     labels = list(decision.subjects) if decision.subjects is not None else None
     return run_participant(ctx.bids_dir, ctx.output_dir, ctx.work_dir, ctx.cfg, labels)
@@ -231,7 +231,7 @@ def execute_qc(ctx: Context, decision: Decision) -> int:
 
 
 def _atlas_name(ctx: Context) -> str:
-    from pipeline.atlas import DEFAULT_ATLAS, atlas_from_config, bundled_atlases
+    from pipeline.roi.atlas import DEFAULT_ATLAS, atlas_from_config, bundled_atlases
 
     if ctx.cfg.gradients.atlas:
         return ctx.cfg.gradients.atlas
@@ -242,7 +242,7 @@ def _atlas_name(ctx: Context) -> str:
 
 def gradients_inputs(ctx: Context) -> dict[str, Path] | None:
     """The curated ROI series of the atlas; None when there are none (anatomy-only data)."""
-    from pipeline.gradients import find_curated_series
+    from pipeline.roi.gradients import find_curated_series
 
     if not (ctx.output_dir / "curation" / "curation.parquet").is_file():
         return None
@@ -252,7 +252,7 @@ def gradients_inputs(ctx: Context) -> dict[str, Path] | None:
 
 def execute_gradients(ctx: Context, decision: Decision) -> int:
     """Group gradients of the curated series."""
-    from pipeline.gradients import build_group_gradients
+    from pipeline.roi.gradients import build_group_gradients
 
     result = build_group_gradients(ctx.output_dir, _atlas_name(ctx), ctx.cfg.gradients)
     print(f"  {result.tsv}: {len(result.roi_names)} ROIs from {len(result.subjects)} subject(s)")
@@ -280,8 +280,8 @@ def shards_inputs(ctx: Context) -> dict[str, Path] | None:
 
 def execute_shards(ctx: Context, decision: Decision) -> int:
     """Build or extend the shards (they rewrite only what changed)."""
-    from pipeline.config import write_resolved_config
-    from pipeline.shards import build_shards
+    from pipeline.core.config import write_resolved_config
+    from pipeline.store.shards import build_shards
 
     index = build_shards(ctx.output_dir, ctx.shards_dir, ctx.cfg.shards)
     write_resolved_config(ctx.cfg, ctx.shards_dir)
@@ -343,7 +343,7 @@ def evaluate_inputs(ctx: Context) -> dict[str, Path] | None:
 
 def execute_evaluate(ctx: Context, decision: Decision) -> int:
     """Frozen-embedding probes of the pretrained model against the baselines."""
-    from pipeline.config import write_resolved_config
+    from pipeline.core.config import write_resolved_config
     from pipeline.evaluation.run import evaluate_run
 
     run = ctx.cfg.run

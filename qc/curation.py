@@ -1,7 +1,7 @@
 """Curation: fixed per-modality rules, robust-outlier suggestions, reviewer overrides.
 
 A scan fails when ANY rule of its modality fails (Neuro-JEPA). Rules come
-from the threshold sections of :class:`pipeline.config.QCConfig`: a field
+from the threshold sections of :class:`pipeline.core.config.QCConfig`: a field
 ``min_<metric>`` requires ``metric >= value`` and ``max_<metric>`` requires
 ``metric <= value``, so adding a threshold field adds a rule. The final
 ``include`` column is the reviewer's override when one is set, else
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.atomic import atomic_path, atomic_write_text
-from pipeline.config import QCConfig
+from pipeline.core.atomic import atomic_path, atomic_write_text
+from pipeline.core.config import QCConfig
 
 __all__ = [
     "ENTITY_COLUMNS",
@@ -205,10 +205,10 @@ def read_table(output_dir: str | Path) -> pd.DataFrame:
 
     Raises
     ------
-    pipeline.errors.InputError
+    pipeline.core.errors.InputError
         When the table does not exist yet.
     """
-    from pipeline.errors import InputError
+    from pipeline.core.errors import InputError
 
     parquet, _ = table_paths(output_dir)
     if not parquet.is_file():

@@ -2,7 +2,7 @@
 
 ``neurocurate prep BIDS_DIR OUTPUT_DIR group`` calls :func:`run_group`; the
 participant level may call :func:`write_subject_report` for one subject.
-Derivatives are found through the names of :mod:`pipeline.derivatives`.
+Derivatives are found through the names of :mod:`pipeline.core.derivatives`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config, write_resolved_config
-from pipeline.derivatives import SPACE, anat_outputs, func_outputs, parse_name
-from pipeline.errors import InputError, NeurocurateError
-from pipeline.templates import get_template
+from pipeline.core.config import Config, write_resolved_config
+from pipeline.core.derivatives import SPACE, anat_outputs, func_outputs, parse_name
+from pipeline.core.errors import InputError, NeurocurateError
+from pipeline.core.templates import get_template
 
 __all__ = [
     "Scan",

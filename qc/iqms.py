@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 __all__ = [
     "TISSUE_ORDER",

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.atomic import atomic_write_text
-from pipeline.config import QCConfig
+from pipeline.core.atomic import atomic_write_text
+from pipeline.core.config import QCConfig
 
 __all__ = [
     "bias_mosaic",

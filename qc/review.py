@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from pipeline.atomic import atomic_write_text
-from pipeline.errors import InputError
+from pipeline.core.atomic import atomic_write_text
+from pipeline.core.errors import InputError
 
 __all__ = [
     "REVIEW_HEADER",

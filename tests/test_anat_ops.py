@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from workflows.ops.anat import load_nifti, resample_to_template, validate_anat_file, validate_anat_image
 
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pipeline.atomic import atomic_dir, atomic_path, atomic_write_text
+from pipeline.core.atomic import atomic_dir, atomic_path, atomic_write_text
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):

@@ -46,7 +46,7 @@ def test_prep_reports_a_truncated_scan_and_keeps_the_good_subject(tmp_path, shar
     import shutil
 
     from pipeline.cli import EXIT_PARTIAL, main
-    from pipeline.derivatives import anat_outputs
+    from pipeline.core.derivatives import anat_outputs
 
     templates = shared_data / "templates"
     bids = tmp_path / "bids"

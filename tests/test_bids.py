@@ -6,9 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.bids import check_bids_root, collect_scans, dataset_fingerprint, index_dataset, read_participants
+from pipeline.core.bids import check_bids_root, collect_scans, dataset_fingerprint, index_dataset, read_participants
 from pipeline.cli import main
-from pipeline.errors import InputError, NeurocurateError
+from pipeline.core.errors import InputError, NeurocurateError
 
 
 def _tiny_dataset(root, subjects=("01", "02")):

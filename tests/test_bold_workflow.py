@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.atlas import schaefer_network
-from pipeline.config import load_config
-from pipeline.derivatives import func_outputs, timeseries_output
+from pipeline.roi.atlas import schaefer_network
+from pipeline.core.config import load_config
+from pipeline.core.derivatives import func_outputs, timeseries_output
 
 ENTITIES = {"sub": "02", "task": "oneback", "run": "1"}
 
@@ -119,7 +119,7 @@ def test_workflow_wiring_with_and_without_t1w(tmp_path, template_dir, shared_dat
 
 
 def test_workflow_rejects_missing_epi_template(tmp_path, shared_data):
-    from pipeline.errors import InputError
+    from pipeline.core.errors import InputError
     from workflows.bold import init_bold_preproc_wf
 
     cfg = load_config(overrides={"bold": {"epi_template": str(tmp_path / "nope.nii.gz")}})

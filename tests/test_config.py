@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import Config, ConfigError, config_hash, dump_config, load_config
+from pipeline.core.config import Config, ConfigError, config_hash, dump_config, load_config
 
 
 def test_defaults_round_trip(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from workflows.ops.bold import denoise_signals, find_epi_template, transform_parameters, validate_bold
 from workflows.ops.confounds import (
     dvars,
@@ -172,7 +172,7 @@ def test_denoise_removes_confound_and_scrubs():
 
 
 def test_bold_config_defaults_and_strict_loading(tmp_path):
-    from pipeline.config import ConfigError, load_config
+    from pipeline.core.config import ConfigError, load_config
 
     cfg = load_config()
     assert cfg.bold.motion_regressors == 24 and (cfg.bold.high_pass, cfg.bold.low_pass) == (0.01, 0.1)

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import ConfigError, QCConfig, load_config
-from pipeline.errors import InputError
+from pipeline.core.config import ConfigError, QCConfig, load_config
+from pipeline.core.errors import InputError
 from qc import curation, review
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.commands.demo import build_demo_dataset, demo_root
-from pipeline.manifest import read_manifest
+from pipeline.core.manifest import read_manifest
 from pipeline.runner import STAGES
 
 pytestmark = pytest.mark.integration

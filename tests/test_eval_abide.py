@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import EvaluateConfig, ImportConfig, LoaderConfig, ShardsConfig
+from pipeline.core.config import EvaluateConfig, ImportConfig, LoaderConfig, ShardsConfig
 from pipeline.evaluation.run import evaluate_run
-from pipeline.loader import ShardDataset
+from pipeline.store.loader import ShardDataset
 from pipeline.pretrain.config import load_pretrain_config
 from pipeline.pretrain.train import Trainer
-from pipeline.shards import build_shards
-from pipeline.timeseries_import import import_timeseries
+from pipeline.store.shards import build_shards
+from pipeline.stages.import_series import import_timeseries
 
 
 @pytest.mark.integration

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import shards as sh
-from pipeline.config import EvaluateConfig, LoaderConfig, ShardsConfig
+from pipeline.store import shards as sh
+from pipeline.core.config import EvaluateConfig, LoaderConfig, ShardsConfig
 from pipeline.evaluation.run import evaluate_run
-from pipeline.loader import ShardDataset
+from pipeline.store.loader import ShardDataset
 from pipeline.pretrain.config import load_pretrain_config
 from pipeline.pretrain.train import Trainer
 

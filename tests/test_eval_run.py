@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import shards as sh
+from pipeline.store import shards as sh
 from pipeline.cli import main
-from pipeline.config import EvaluateConfig, ShardsConfig
-from pipeline.errors import InputError
+from pipeline.core.config import EvaluateConfig, ShardsConfig
+from pipeline.core.errors import InputError
 from pipeline.evaluation.embed import embed_samples, load_encoder, read_shard_samples
 from pipeline.evaluation.run import evaluate_run
-from pipeline.loader import ShardDataset
+from pipeline.store.loader import ShardDataset
 from pipeline.pretrain.config import load_pretrain_config
 from pipeline.pretrain.train import Trainer
 

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import EvaluateConfig
-from pipeline.errors import InputError
+from pipeline.core.config import EvaluateConfig
+from pipeline.core.errors import InputError
 from pipeline.evaluation import baselines as bl
 from pipeline.evaluation.metrics import (
     bootstrap_ci,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy.sparse.linalg import eigs
 
-from pipeline.config import GradientsConfig
-from pipeline.errors import InputError, NeurocurateError
-from pipeline.gradients import (
+from pipeline.core.config import GradientsConfig
+from pipeline.core.errors import InputError, NeurocurateError
+from pipeline.roi.gradients import (
     affinity_matrix,
     align_gradients,
     build_group_gradients,
@@ -20,7 +20,7 @@ from pipeline.gradients import (
     read_gradients,
     run_correlation,
 )
-from pipeline.parcellation import write_timeseries
+from pipeline.roi.parcellation import write_timeseries
 
 
 def test_two_block_affinity_matches_closed_form():
@@ -204,9 +204,9 @@ def test_abide_dev_gradients_separate_sensory_from_default(shared_data, tmp_path
     """
     from sklearn.metrics import roc_auc_score
 
-    from pipeline.atlas import majority_networks
-    from pipeline.config import ImportConfig
-    from pipeline.timeseries_import import import_timeseries
+    from pipeline.roi.atlas import majority_networks
+    from pipeline.core.config import ImportConfig
+    from pipeline.stages.import_series import import_timeseries
 
     abide = shared_data / "abide"
     report = import_timeseries([abide / "rois_cc200"], tmp_path, ImportConfig(),

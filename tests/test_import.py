@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import ImportConfig
-from pipeline.errors import InputError
-from pipeline.timeseries_import import (
+from pipeline.core.config import ImportConfig
+from pipeline.core.errors import InputError
+from pipeline.stages.import_series import (
     abide_file_id,
     import_timeseries,
     load_abide_phenotypes,

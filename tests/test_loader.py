@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import shards as sh
-from pipeline.config import LoaderConfig, ShardsConfig
-from pipeline.loader import ShardDataset, StreamLoader, collate_samples
+from pipeline.store import shards as sh
+from pipeline.core.config import LoaderConfig, ShardsConfig
+from pipeline.store.loader import ShardDataset, StreamLoader, collate_samples
 
 R = 5
 
@@ -229,7 +229,7 @@ def test_anat_samples(tmp_path):
 @pytest.mark.integration
 def test_abide_series_to_shards_to_loader(shared_data, tmp_path):
     """Real ABIDE CC200 series from two sites -> OUTPUT_DIR -> shards -> loader over 2 ranks x 2 workers."""
-    from pipeline.derivatives import timeseries_output
+    from pipeline.core.derivatives import timeseries_output
 
     abide = shared_data / "abide"
     pheno = pd.read_csv(abide / "Phenotypic_V1_0b_preprocessed1.csv")

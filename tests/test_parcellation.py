@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.atlas import DEFAULT_ATLAS, load_atlas, load_labels_array, read_label_table, schaefer_network
-from pipeline.errors import InputError
-from pipeline.parcellation import extract_timeseries, parcellate_img, signals_from_labels
+from pipeline.roi.atlas import DEFAULT_ATLAS, load_atlas, load_labels_array, read_label_table, schaefer_network
+from pipeline.core.errors import InputError
+from pipeline.roi.parcellation import extract_timeseries, parcellate_img, signals_from_labels
 
 
 def _masker_signals(img, labels_img):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.derivatives import anat_outputs
+from pipeline.core.derivatives import anat_outputs
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError
-from pipeline.errors import InputError
+from pipeline.core.config import ConfigError
+from pipeline.core.errors import InputError
 from pipeline.pretrain.checkpoint import latest_checkpoint, load_checkpoint
 from pipeline.pretrain.config import PretrainConfig, config_from_dict, load_pretrain_config, named_configs
 from pipeline.pretrain.train import Trainer, build_collator, build_model, lr_lambda
@@ -166,7 +166,7 @@ def test_config_errors(tmp_path):
 
 
 def test_empty_dataset_is_an_error(tmp_path):
-    from pipeline.errors import NeurocurateError
+    from pipeline.core.errors import NeurocurateError
 
     with pytest.raises(NeurocurateError, match="no samples"):
         Trainer(_cfg(), [], tmp_path, progress=False).fit(1)
@@ -175,7 +175,7 @@ def test_empty_dataset_is_an_error(tmp_path):
 def _write_fmri_shards(shards_dir: Path, n: int = 8, R: int = 12, T: int = 90) -> None:
     import pandas as pd
 
-    from pipeline.shards import write_shards
+    from pipeline.store.shards import write_shards
 
     rng = np.random.default_rng(0)
     arrays = {f"s{i}": rng.standard_normal((T, R)).astype(np.float32) for i in range(n)}

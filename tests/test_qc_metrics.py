@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from qc import iqms, metrics
 
 
@@ -167,7 +167,7 @@ def test_real_colin27_passes_default_t1w_rules(shared_data: Path) -> None:
     import nibabel as nib
     from nilearn.image import resample_to_img
 
-    from pipeline.config import QCConfig
+    from pipeline.core.config import QCConfig
     from qc.curation import evaluate_rules
 
     tdir = shared_data / "templates"

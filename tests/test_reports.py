@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import Config, from_dict
-from pipeline.derivatives import anat_outputs, func_outputs, timeseries_output
-from pipeline.templates import get_template
+from pipeline.core.config import Config, from_dict
+from pipeline.core.derivatives import anat_outputs, func_outputs, timeseries_output
+from pipeline.core.templates import get_template
 
 EVIL = '<script>alert("x")</script>'
 
@@ -136,7 +136,7 @@ def test_missing_confounds_is_partial(tmp_path: Path) -> None:
 
 
 def test_empty_output_dir_is_an_error(tmp_path: Path) -> None:
-    from pipeline.errors import NeurocurateError
+    from pipeline.core.errors import NeurocurateError
     from qc.group import run_group
 
     with pytest.raises(NeurocurateError, match="no derivatives"):
@@ -211,7 +211,7 @@ def _qc_cli(argv: list[str]) -> int:
 
 
 def test_cli_import_ratings(group_output: tuple[Path, int], tmp_path: Path) -> None:
-    from pipeline.errors import InputError
+    from pipeline.core.errors import InputError
 
     out, _ = group_output
     path = "sub-02/anat/sub-02_space-MNI152NLin6Asym_res-2_desc-preproc_T1w.nii.gz"

@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import Config, from_dict
-from pipeline.errors import InputError, NeurocurateError
-from pipeline.manifest import file_states, manifest_path, read_manifest
+from pipeline.core.config import Config, from_dict
+from pipeline.core.errors import InputError, NeurocurateError
+from pipeline.core.manifest import file_states, manifest_path, read_manifest
 from pipeline.runner import StageRunner, default_stages, format_summary, select_stages, with_stage
 
 

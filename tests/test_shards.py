@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import zarr
 
-from pipeline import shards as sh
-from pipeline.config import ShardsConfig
-from pipeline.derivatives import anat_outputs, timeseries_output
-from pipeline.errors import InputError, NeurocurateError
+from pipeline.store import shards as sh
+from pipeline.core.config import ShardsConfig
+from pipeline.core.derivatives import anat_outputs, timeseries_output
+from pipeline.core.errors import InputError, NeurocurateError
 
 ATLAS = "Toy"
 ROIS = [f"roi{i}" for i in range(6)]

@@ -16,8 +16,8 @@ from pathlib import Path
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
-from pipeline.config import Config, config_to_dict
-from pipeline.templates import get_template
+from pipeline.core.config import Config, config_to_dict
+from pipeline.core.templates import get_template
 from workflows.interfaces.anat import (
     DeepBetMask,
     N4Correct,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from nipype.pipeline import engine as pe
 
-from pipeline.bids import SubjectScans
-from pipeline.config import Config
+from pipeline.core.bids import SubjectScans
+from pipeline.core.config import Config
 from workflows.anatomical import init_anat_preproc_wf
 
 __all__ = ["init_neurocurate_wf", "init_single_subject_wf"]

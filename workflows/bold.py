@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from pipeline.config import Config, config_to_dict
+from pipeline.core.config import Config, config_to_dict
 
 __all__ = ["init_bold_preproc_wf", "sidecar_repetition_time"]
 
@@ -83,7 +83,7 @@ def init_bold_preproc_wf(
     from nipype.interfaces import utility as niu
     from nipype.pipeline import engine as pe
 
-    from pipeline.templates import get_template
+    from pipeline.core.templates import get_template
     from workflows.interfaces import bold as ifc
     from workflows.ops.bold import find_epi_template
 

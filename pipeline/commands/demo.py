@@ -58,8 +58,8 @@ def build_demo_dataset(shared_data: str | Path, dest: str | Path) -> Path:
     import nibabel as nib
     import numpy as np
 
-    from pipeline.atomic import atomic_copy, atomic_path, atomic_write_text
-    from pipeline.errors import InputError
+    from pipeline.core.atomic import atomic_copy, atomic_path, atomic_write_text
+    from pipeline.core.errors import InputError
 
     shared_data, dest = Path(shared_data), Path(dest)
     bold_src = shared_data / "func" / "sub-02_task-oneback_run-1_bold.nii.gz"
@@ -121,8 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run all stages on the bundled data; print the report paths."""
-    from pipeline.config import load_config
-    from pipeline.errors import InputError
+    from pipeline.core.config import load_config
+    from pipeline.core.errors import InputError
     from pipeline.runner import StageRunner, format_summary
 
     root = demo_root()

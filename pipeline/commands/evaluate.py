@@ -31,14 +31,14 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate and print the headline table; exit 0."""
     from pathlib import Path
 
-    from pipeline.config import load_config, write_resolved_config
+    from pipeline.core.config import load_config, write_resolved_config
     from pipeline.evaluation.run import evaluate_run
 
     overrides = {k: v for k, v in {"bootstrap_resamples": args.bootstrap, "permutations": args.permutations,
                                    "seed": args.seed}.items() if v is not None}
     cfg = load_config(args.config, {"evaluate": overrides})
     if args.few_shot is not None and args.few_shot < 1:
-        from pipeline.errors import InputError
+        from pipeline.core.errors import InputError
 
         raise InputError("--few-shot", "K must be at least 1")
     result = evaluate_run(args.run_dir, args.shards, args.target, split=args.split, few_shot=args.few_shot,

@@ -21,9 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build and write the group gradients."""
-    from pipeline.atlas import atlas_from_config
-    from pipeline.config import load_config
-    from pipeline.gradients import build_group_gradients
+    from pipeline.roi.atlas import atlas_from_config
+    from pipeline.core.config import load_config
+    from pipeline.roi.gradients import build_group_gradients
 
     overrides = {
         k: v

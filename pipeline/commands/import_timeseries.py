@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Import the files; exit 0 when all went well, 3 when some files failed."""
     from pipeline.cli import EXIT_PARTIAL
-    from pipeline.config import load_config, write_resolved_config
-    from pipeline.timeseries_import import import_timeseries
+    from pipeline.core.config import load_config, write_resolved_config
+    from pipeline.stages.import_series import import_timeseries
 
     overrides = {
         k: v

@@ -35,7 +35,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
         "stop_on_first_crash": args.stop_on_first_crash,
     }
     if args.plugin_arg:
-        from pipeline.errors import NeurocurateError
+        from pipeline.core.errors import NeurocurateError
 
         pairs = {}
         for item in args.plugin_arg:
@@ -60,8 +60,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.config import load_config
-    from pipeline.errors import NeurocurateError
+    from pipeline.core.config import load_config
+    from pipeline.core.errors import NeurocurateError
 
     cfg = load_config(args.config, _overrides(args))
     bids_dir = Path(args.bids_dir).resolve()
@@ -71,11 +71,11 @@ def run(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir).resolve() if args.work_dir else output_dir / ".work"
 
     if args.analysis_level == "participant":
-        from pipeline.orchestration import run_participant
+        from pipeline.stages.prep import run_participant
 
         return run_participant(bids_dir, output_dir, work_dir, cfg, args.participant_label)
 
-    from pipeline.bids import check_bids_root
+    from pipeline.core.bids import check_bids_root
     from qc.group import run_group
 
     check_bids_root(bids_dir)

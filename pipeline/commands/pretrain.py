@@ -43,9 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pipeline.config import LoaderConfig
-    from pipeline.errors import InputError
-    from pipeline.loader import ShardDataset
+    from pipeline.core.config import LoaderConfig
+    from pipeline.core.errors import InputError
+    from pipeline.store.loader import ShardDataset
     from pipeline.pretrain.config import load_pretrain_config
     from pipeline.pretrain.train import Trainer
 

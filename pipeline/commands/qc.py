@@ -28,7 +28,7 @@ def _rerender(output_dir, subjects: set[str]) -> None:
     """Refresh the group report and the rated subjects' reports with the config of the last group run."""
     from pathlib import Path
 
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from qc.curation import read_table
     from qc.group import crash_log_subjects, write_group_report, write_subject_report
 

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Plan or run the stages; return 0, 3 (partial) or 2."""
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from pipeline.runner import StageRunner, format_summary, select_stages
 
     overrides: dict[str, dict] = {}

@@ -21,8 +21,8 @@ def run(args: argparse.Namespace) -> int:
     """Build or extend the shards; exit 0 on success."""
     from pathlib import Path
 
-    from pipeline.config import load_config, write_resolved_config
-    from pipeline.shards import build_shards
+    from pipeline.core.config import load_config, write_resolved_config
+    from pipeline.store.shards import build_shards
 
     overrides = {
         k: v

@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.atomic import atomic_path
-from pipeline.errors import InputError
+from pipeline.core.atomic import atomic_path
+from pipeline.core.errors import InputError
 
 __all__ = ["Embeddings", "LoadedEncoder", "ShardSamples", "embed_samples", "load_encoder", "read_shard_samples"]
 
@@ -148,8 +148,8 @@ def read_shard_samples(shards_dir: str | Path, target: str | None, *, store: str
     store : str, optional
         Store name; default the only fMRI store.
     """
-    from pipeline.config import LoaderConfig
-    from pipeline.loader import ShardDataset
+    from pipeline.core.config import LoaderConfig
+    from pipeline.store.loader import ShardDataset
 
     shards_dir = Path(shards_dir)
     try:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.atomic import atomic_dir
+from pipeline.core.atomic import atomic_dir
 
 __all__ = ["to_json", "write_report"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atlas import majority_networks, schaefer_network
+from pipeline.roi.atlas import majority_networks, schaefer_network
 
 __all__ = ["UNASSIGNED", "network_routing", "roi_networks"]
 

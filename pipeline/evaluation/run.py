@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import EvaluateConfig, config_to_dict
-from pipeline.errors import InputError
+from pipeline.core.config import EvaluateConfig, config_to_dict
+from pipeline.core.errors import InputError
 from pipeline.evaluation.metrics import (
     higher_is_better,
     paired_permutation_test,
@@ -204,8 +204,8 @@ def reference_gradients(samples, reference_shards: str | Path | None) -> tuple[n
     order, as the evaluated store. Without a reference the evaluated store's
     coordinates are used (the same thing when evaluating on the training shards).
     """
-    from pipeline.config import LoaderConfig
-    from pipeline.loader import ShardDataset
+    from pipeline.core.config import LoaderConfig
+    from pipeline.store.loader import ShardDataset
 
     if samples.kind != "fmri":
         return None, "none (structural store)"

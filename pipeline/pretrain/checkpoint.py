@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.atomic import atomic_path
-from pipeline.errors import InputError
+from pipeline.core.atomic import atomic_path
+from pipeline.core.errors import InputError
 
 __all__ = ["checkpoint_path", "get_rng_state", "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "save_checkpoint", "set_rng_state"]
 

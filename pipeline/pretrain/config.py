@@ -4,7 +4,7 @@ A run is described by one :class:`PretrainConfig` made of small sections
 (model, fMRI masking, structural masking, MoE, training). Named configs
 (``tiny``, ``small``, ``base``) ship as ``pipeline/configs/pretrain_<name>.toml``;
 :func:`load_pretrain_config` accepts either such a name or a path to a TOML
-file. Loading goes through :func:`pipeline.config.from_dict`, so an unknown key
+file. Loading goes through :func:`pipeline.core.config.from_dict`, so an unknown key
 or a wrongly typed value is an error naming the file and the key.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import ConfigError, from_dict
+from pipeline.core.config import ConfigError, from_dict
 
 __all__ = [
     "AnatMaskConfig",

@@ -3,7 +3,7 @@
 Shape legend: B samples per rank and step, L tokens per sample.
 
 The trainer takes any iterable of per-sample dicts (the streaming zarr loader
-of :mod:`pipeline.loader`, or an in-memory list in tests), groups ``batch_size``
+of :mod:`pipeline.store.loader`, or an in-memory list in tests), groups ``batch_size``
 samples, masks them in the collator and runs one optimizer step per batch.
 Under ``torchrun`` (``WORLD_SIZE`` > 1) it wraps the model in DDP; each rank
 is expected to receive its own partition of the data.
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.atomic import atomic_write_text
-from pipeline.config import config_to_dict, dump_config
-from pipeline.errors import InputError, NeurocurateError
+from pipeline.core.atomic import atomic_write_text
+from pipeline.core.config import config_to_dict, dump_config
+from pipeline.core.errors import InputError, NeurocurateError
 from pipeline.pretrain.checkpoint import (
     checkpoint_path,
     get_rng_state,

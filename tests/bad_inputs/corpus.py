@@ -7,7 +7,7 @@ must say. ``tests/test_bad_inputs.py`` runs them all; the corpus lives apart
 from the test so other tests and benchmarks can reuse the builders.
 
 A case's ``trigger`` returns the one message the user sees: the text of the
-:class:`~pipeline.errors.NeurocurateError` that stops the work, or, for inputs
+:class:`~pipeline.core.errors.NeurocurateError` that stops the work, or, for inputs
 the pipeline repairs or skips (qform/sform disagreement, header/sidecar TR
 mismatch, non-BIDS names, phenotype rows without labels), the logged or
 reported line about that file. ``verify`` (optional) checks that nothing
@@ -30,7 +30,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from pipeline.errors import NeurocurateError
+from pipeline.core.errors import NeurocurateError
 
 __all__ = ["BadInput", "Built", "Ctx", "CASES", "error_of", "logged_about"]
 
@@ -322,7 +322,7 @@ def _build_bad_participants(ctx: Ctx) -> Built:
 
 
 def _trigger_participants(ctx: Ctx, built: Built) -> str:
-    from pipeline.bids import read_participants
+    from pipeline.core.bids import read_participants
 
     return error_of(read_participants, built.extra["root"])
 
@@ -351,13 +351,13 @@ def _build_bad_description(ctx: Ctx) -> Built:
 
 
 def _trigger_check_root(ctx: Ctx, built: Built) -> str:
-    from pipeline.bids import check_bids_root
+    from pipeline.core.bids import check_bids_root
 
     return error_of(check_bids_root, built.extra["root"])
 
 
 def _collect(ctx: Ctx, built: Built):
-    from pipeline.bids import collect_scans, index_dataset
+    from pipeline.core.bids import collect_scans, index_dataset
 
     return collect_scans(index_dataset(built.extra["root"], ctx.tmp / "work"))
 
@@ -372,7 +372,7 @@ def _build_non_bids_name(ctx: Ctx) -> Built:
 
 
 def _trigger_non_bids(ctx: Ctx, built: Built) -> str:
-    with _capture("pipeline.bids") as handler:
+    with _capture("pipeline.core.bids") as handler:
         built.extra["scans"] = _collect(ctx, built)
     built.extra["messages"] = handler.messages
     return handler.messages[0] if len(handler.messages) == 1 else "\n".join(handler.messages)
@@ -404,7 +404,7 @@ def _build_duplicate_extension(ctx: Ctx) -> Built:
 
 
 def _trigger_duplicate(ctx: Ctx, built: Built) -> str:
-    from pipeline.bids import collect_scans, index_dataset
+    from pipeline.core.bids import collect_scans, index_dataset
 
     layout = index_dataset(built.extra["root"], ctx.tmp / "work")
     built.extra["other"] = collect_scans(layout, ["02"])
@@ -433,13 +433,13 @@ def _read_sample(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _shard_cfg():
-    from pipeline.config import ShardsConfig
+    from pipeline.core.config import ShardsConfig
 
     return ShardsConfig(samples_per_shard=2, chunk_frames=8)
 
 
 def _build_corrupted_shard(ctx: Ctx) -> Built:
-    from pipeline.shards import shard_path, write_shards
+    from pipeline.store.shards import shard_path, write_shards
 
     shards = ctx.tmp / "shards"
     index = write_shards(_shard_samples(ctx, ["01", "02"]), shards, _shard_cfg(), read_sample=_read_sample)
@@ -450,7 +450,7 @@ def _build_corrupted_shard(ctx: Ctx) -> Built:
 
 
 def _trigger_corrupted_shard(ctx: Ctx, built: Built) -> str:
-    from pipeline.shards import read_fmri_rows
+    from pipeline.store.shards import read_fmri_rows
 
     index = built.extra["index"]
     return error_of(read_fmri_rows, built.extra["store"], 0, index["offset"].to_numpy(), index["length"].to_numpy())
@@ -466,8 +466,8 @@ def _build_corrupted_shard_metadata(ctx: Ctx) -> Built:
 def _build_corrupted_anat_shard(ctx: Ctx) -> Built:
     import pandas as pd
 
-    from pipeline.config import ShardsConfig
-    from pipeline.shards import shard_path, write_shards
+    from pipeline.core.config import ShardsConfig
+    from pipeline.store.shards import shard_path, write_shards
 
     rows = pd.DataFrame([{"sample_id": f"sub-0{i}_T1w", "subject": f"0{i}", "store": "anat", "kind": "anat",
                           "split": "train"} for i in (1, 2)])
@@ -486,13 +486,13 @@ def _build_corrupted_anat_shard(ctx: Ctx) -> Built:
 
 
 def _trigger_anat_shard(ctx: Ctx, built: Built) -> str:
-    from pipeline.shards import read_anat_rows
+    from pipeline.store.shards import read_anat_rows
 
     return error_of(read_anat_rows, built.offending.parents[1], 0, np.array([0, 1]))
 
 
 def _build_corrupted_index(ctx: Ctx) -> Built:
-    from pipeline.shards import INDEX_NAME, write_shards
+    from pipeline.store.shards import INDEX_NAME, write_shards
 
     shards = ctx.tmp / "shards"
     write_shards(_shard_samples(ctx, ["01"]), shards, _shard_cfg(), read_sample=_read_sample)
@@ -503,7 +503,7 @@ def _build_corrupted_index(ctx: Ctx) -> Built:
 
 
 def _trigger_corrupted_index(ctx: Ctx, built: Built) -> str:
-    from pipeline.shards import read_index
+    from pipeline.store.shards import read_index
 
     return error_of(read_index, built.extra["shards"])
 
@@ -511,7 +511,7 @@ def _trigger_corrupted_index(ctx: Ctx, built: Built) -> str:
 def _build_disk_full(ctx: Ctx) -> Built:
     from zarr.storage import LocalStore
 
-    from pipeline.shards import CATALOG_NAME, INDEX_NAME, shard_path, write_shards
+    from pipeline.store.shards import CATALOG_NAME, INDEX_NAME, shard_path, write_shards
 
     shards = ctx.tmp / "shards"
     store = shards / "fmri-Toy"
@@ -527,14 +527,14 @@ def _build_disk_full(ctx: Ctx) -> Built:
 
 
 def _trigger_disk_full(ctx: Ctx, built: Built) -> str:
-    from pipeline.shards import write_shards
+    from pipeline.store.shards import write_shards
 
     return error_of(write_shards, _shard_samples(ctx, ["01", "02", "03"]), built.extra["shards"], _shard_cfg(),
                     read_sample=_read_sample)
 
 
 def _verify_disk_full(ctx: Ctx, built: Built) -> None:
-    from pipeline.shards import read_fmri_rows, read_index, write_shards
+    from pipeline.store.shards import read_fmri_rows, read_index, write_shards
 
     store = built.extra["store"]
     for path, raw in built.extra["before"].items():
@@ -605,7 +605,7 @@ def _build_atlas_mismatch(ctx: Ctx) -> Built:
 
 
 def _trigger_atlas(ctx: Ctx, built: Built) -> str:
-    from pipeline.atlas import load_atlas
+    from pipeline.roi.atlas import load_atlas
 
     image = built.extra.get("image", built.offending)
     table = built.offending if "image" in built.extra else None
@@ -635,7 +635,7 @@ def _build_series_nan(ctx: Ctx) -> Built:
 
 
 def _trigger_series(ctx: Ctx, built: Built) -> str:
-    from pipeline.timeseries_import import read_series
+    from pipeline.stages.import_series import read_series
 
     return error_of(read_series, built.offending)
 
@@ -653,8 +653,8 @@ def _build_no_labels(ctx: Ctx) -> Built:
 
 
 def _trigger_no_labels(ctx: Ctx, built: Built) -> str:
-    from pipeline.config import ImportConfig
-    from pipeline.timeseries_import import import_timeseries
+    from pipeline.core.config import ImportConfig
+    from pipeline.stages.import_series import import_timeseries
 
     report = import_timeseries([built.offending.parent], built.extra["out"], ImportConfig(atlas_name="CC200",
                                repetition_time=2.0), phenotypes=built.extra["pheno"])
@@ -691,7 +691,7 @@ def _build_bad_timeseries_tsv(ctx: Ctx) -> Built:
 
 
 def _trigger_timeseries_tsv(ctx: Ctx, built: Built) -> str:
-    from pipeline.shards import read_timeseries_tsv
+    from pipeline.store.shards import read_timeseries_tsv
 
     return error_of(read_timeseries_tsv, built.offending)
 

@@ -100,7 +100,7 @@ class NonSteadyState(SimpleInterface):
     output_spec = _NonSteadyStateOutputSpec
 
     def _run_interface(self, runtime):
-        from pipeline.errors import InputError
+        from pipeline.core.errors import InputError
         from workflows.ops.bold import detect_nonsteady, drop_volumes
 
         if self.inputs.dummy_scans >= 0:
@@ -386,8 +386,8 @@ class ParcellateDenoise(SimpleInterface):
     def _run_interface(self, runtime):
         import pandas as pd
 
-        from pipeline.atlas import load_atlas
-        from pipeline.parcellation import extract_timeseries, write_timeseries, zero_variance_columns
+        from pipeline.roi.atlas import load_atlas
+        from pipeline.roi.parcellation import extract_timeseries, write_timeseries, zero_variance_columns
         from workflows.ops.bold import denoise_signals
 
         atlas = load_atlas(self.inputs.atlas or None, label_table=self.inputs.label_table or None)
@@ -456,8 +456,8 @@ class WriteBoldDerivatives(SimpleInterface):
         import nilearn
 
         from pipeline import __version__
-        from pipeline.atomic import atomic_copy, atomic_path, atomic_write_text
-        from pipeline.derivatives import func_outputs, parse_name, timeseries_output
+        from pipeline.core.atomic import atomic_copy, atomic_path, atomic_write_text
+        from pipeline.core.derivatives import func_outputs, parse_name, timeseries_output
 
         entities, _, _ = parse_name(self.inputs.source_file)
         outs = func_outputs(self.inputs.output_dir, entities)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
 
-from pipeline.derivatives import SPACE, anat_outputs
+from pipeline.core.derivatives import SPACE, anat_outputs
 from workflows.ops.sink import publish_file, publish_json, software_versions
 
 __all__ = ["WriteAnatDerivatives"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from workflows.ops.seeding import ants_seed
 
 __all__ = [

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bids import load_bold_image
-from pipeline.errors import InputError, NeurocurateError
+from pipeline.core.bids import load_bold_image
+from pipeline.core.errors import InputError, NeurocurateError
 from workflows.ops.confounds import leading_outliers, rigid_parameters
 from workflows.ops.seeding import ants_seed
 
@@ -421,7 +421,7 @@ def find_epi_template(configured: str, template_dir: str) -> tuple[Path, str | N
     InputError
         When ``configured`` is set but does not exist.
     """
-    from pipeline.templates import get_template
+    from pipeline.core.templates import get_template
 
     if configured:
         path = Path(configured)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_copy, atomic_write_text
+from pipeline.core.atomic import atomic_copy, atomic_write_text
 
 __all__ = ["publish_file", "publish_json", "software_versions"]
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atlas import Atlas, load_labels_array
-from pipeline.atomic import atomic_write_text
-from pipeline.bids import load_bold_image
-from pipeline.errors import InputError
+from pipeline.roi.atlas import Atlas, load_labels_array
+from pipeline.core.atomic import atomic_write_text
+from pipeline.core.bids import load_bold_image
+from pipeline.core.errors import InputError
 
 __all__ = [
     "ParcellationResult",

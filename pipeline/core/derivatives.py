@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.atomic import atomic_write_text
+from pipeline.core.atomic import atomic_write_text
 
 __all__ = [
     "ENTITY_ORDER",

@@ -50,9 +50,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.atomic import atomic_path, atomic_write_text
-from pipeline.config import ShardsConfig
-from pipeline.errors import InputError, NeurocurateError
+from pipeline.core.atomic import atomic_path, atomic_write_text
+from pipeline.core.config import ShardsConfig
+from pipeline.core.errors import InputError, NeurocurateError
 
 __all__ = [
     "ANAT_STORE",
@@ -789,7 +789,7 @@ def read_anat_rows(store_dir: str | Path, shard: int, positions: np.ndarray) -> 
 
 
 def _atlas_of(path: str) -> str:
-    from pipeline.derivatives import parse_name
+    from pipeline.core.derivatives import parse_name
 
     entities, suffix, _ = parse_name(path)
     if suffix != "timeseries" or "atlas" not in entities:
@@ -813,7 +813,7 @@ def collect_samples(output_dir: str | Path, cfg: ShardsConfig = ShardsConfig()) 
         absolute ``path`` / ``mask_path``, ``fingerprint``, labels and QC metrics.
     label_columns, qc_columns : list of str
     """
-    from pipeline.derivatives import anat_outputs
+    from pipeline.core.derivatives import anat_outputs
 
     output_dir = Path(output_dir)
     cur_path = output_dir / "curation" / "curation.parquet"

@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.atomic import atomic_write_text
-from pipeline.config import Config, write_resolved_config
-from pipeline.derivatives import write_dataset_description
+from pipeline.core.atomic import atomic_write_text
+from pipeline.core.config import Config, write_resolved_config
+from pipeline.core.derivatives import write_dataset_description
 
 __all__ = ["CrashRecord", "collect_crashes", "nipype_plugin_args", "run_participant"]
 
@@ -101,7 +101,7 @@ def _merge_participants(bids_dir: Path, output_dir: Path) -> None:
     """Carry participants.tsv into the derivatives (labels for shards and evaluation)."""
     import pandas as pd
 
-    from pipeline.bids import read_participants
+    from pipeline.core.bids import read_participants
 
     rows = read_participants(bids_dir)
     if rows is None:
@@ -124,7 +124,7 @@ def run_participant(
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
-    from pipeline.bids import collect_scans, index_dataset
+    from pipeline.core.bids import collect_scans, index_dataset
     from workflows.base import init_neurocurate_wf
 
     output_dir.mkdir(parents=True, exist_ok=True)

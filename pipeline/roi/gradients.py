@@ -46,9 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import atomic_write_text
-from pipeline.config import GradientsConfig
-from pipeline.errors import InputError, NeurocurateError
+from pipeline.core.atomic import atomic_write_text
+from pipeline.core.config import GradientsConfig
+from pipeline.core.errors import InputError, NeurocurateError
 
 __all__ = [
     "GradientResult",
@@ -382,7 +382,7 @@ def build_group_gradients(output_dir: str | Path, atlas_name: str, cfg: Gradient
     InputError
         When a series file is unreadable or has different ROIs than the others.
     """
-    from pipeline.derivatives import parse_name
+    from pipeline.core.derivatives import parse_name
 
     output_dir = Path(output_dir)
     files = find_curated_series(output_dir, atlas_name)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError, NeurocurateError
+from pipeline.core.errors import InputError, NeurocurateError
 
 __all__ = [
     "Scan", "SubjectScans", "check_bids_root", "collect_scans", "dataset_fingerprint", "index_dataset",

@@ -1,4 +1,4 @@
-"""Streaming, resumable torch loader over the shards written by :mod:`pipeline.shards`.
+"""Streaming, resumable torch loader over the shards written by :mod:`pipeline.store.shards`.
 
 Each item yielded by :class:`ShardDataset` is a dict.
 
@@ -83,9 +83,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import LoaderConfig
-from pipeline.errors import InputError
-from pipeline.shards import (
+from pipeline.core.config import LoaderConfig
+from pipeline.core.errors import InputError
+from pipeline.store.shards import (
     NORM_NAME,
     read_anat_rows,
     read_fmri_rows,

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_write_text
-from pipeline.errors import InputError
+from pipeline.core.atomic import atomic_write_text
+from pipeline.core.errors import InputError
 
 __all__ = [
     "FileState",

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import NeurocurateError
+from pipeline.core.errors import NeurocurateError
 
 __all__ = ["BUNDLED_DIR", "TEMPLATE", "get_template", "template_candidates"]
 
 TEMPLATE = "MNI152NLin6Asym"
-BUNDLED_DIR = Path(__file__).parent / "data" / "templates"
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "data" / "templates"
 
 
 def template_candidates(

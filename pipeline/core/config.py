@@ -141,7 +141,7 @@ class ShardsConfig:
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """Streaming loader over the shards (``pipeline.loader.ShardDataset``).
+    """Streaming loader over the shards (``pipeline.store.loader.ShardDataset``).
 
     ``window_length`` frames are cropped from every fMRI run (random start in
     training, centred in evaluation); 0 keeps whole runs. Runs shorter than
@@ -627,7 +627,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
 
 def write_resolved_config(cfg: Any, directory: str | Path, name: str = "neurocurate_config.toml") -> Path:
     """Write the resolved config next to a stage's outputs, atomically."""
-    from pipeline.atomic import atomic_write_text
+    from pipeline.core.atomic import atomic_write_text
 
     target = Path(directory) / name
     atomic_write_text(target, dump_config(cfg))

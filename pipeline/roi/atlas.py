@@ -9,7 +9,7 @@ plus a label table giving every label id its ROI name. The label table may be
 * a plain text file with one ``index name`` pair per line.
 
 The image and the table must describe the same labels; a mismatch is an
-:class:`~pipeline.errors.InputError` naming the file, because a silently
+:class:`~pipeline.core.errors.InputError` naming the file, because a silently
 shifted label table assigns every signal to the wrong ROI name.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 __all__ = [
     "DEFAULT_ATLAS",
@@ -267,7 +267,7 @@ def load_atlas(name_or_path: str | Path | None = None, label_table: str | Path |
 
 
 def atlas_from_config(cfg) -> Atlas:
-    """The atlas of a :class:`~pipeline.config.ParcellationConfig` (``atlas``, ``label_table``)."""
+    """The atlas of a :class:`~pipeline.core.config.ParcellationConfig` (``atlas``, ``label_table``)."""
     return load_atlas(cfg.atlas or None, cfg.label_table or None)
 
 
@@ -308,7 +308,7 @@ def majority_networks(labels_img: str | Path, label_ids: tuple[int, ...] | list[
     list of str or None
         Network per ROI; ``None`` when no voxel overlaps the reference.
     """
-    from pipeline.parcellation import resample_labels
+    from pipeline.roi.parcellation import resample_labels
 
     reference = reference or load_atlas()
     ref_labels, ref_affine = load_labels_array(reference.labels_img)

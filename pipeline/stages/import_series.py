@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import atomic_write_text
-from pipeline.config import ImportConfig
-from pipeline.derivatives import parse_name, timeseries_output, write_dataset_description
-from pipeline.errors import InputError
-from pipeline.parcellation import write_timeseries, zero_variance_columns
+from pipeline.core.atomic import atomic_write_text
+from pipeline.core.config import ImportConfig
+from pipeline.core.derivatives import parse_name, timeseries_output, write_dataset_description
+from pipeline.core.errors import InputError
+from pipeline.roi.parcellation import write_timeseries, zero_variance_columns
 
 __all__ = [
     "ImportReport",
