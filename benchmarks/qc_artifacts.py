@@ -292,7 +292,7 @@ def evaluate(cases: list[Case], template_dir: Path, n_report: int) -> int:
         out = Path(tmp) / "out"
         by_label = build_output_dir(cases, template_dir, out)
         t0 = time.perf_counter()
-        code = run_group(out, out, cfg)
+        code = run_group(out, cfg)
         t_group = time.perf_counter() - t0
         df = read_table(out)
     if code != 0:

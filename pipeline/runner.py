@@ -227,7 +227,7 @@ def execute_qc(ctx: Context, decision: Decision) -> int:
     """Group level: metrics, curation table and reports."""
     from qc.group import run_group
 
-    return run_group(ctx.bids_dir, ctx.output_dir, ctx.cfg)
+    return run_group(ctx.output_dir, ctx.cfg)
 
 
 def _atlas_name(ctx: Context) -> str:

@@ -348,13 +348,14 @@ def write_group_report(output_dir: Path, df: pd.DataFrame, cfg: Config, error_su
     return write_html(Path(output_dir) / "reports" / "group.html", render_group_report(df, cfg.qc, error_subjects))
 
 
-def run_group(bids_dir: Path, output_dir: Path, cfg: Config) -> int:
-    """BIDS-App group level: metrics, curation table, subject reports and the group report.
+def run_group(output_dir: Path, cfg: Config) -> int:
+    """Group QC of whatever derivatives OUTPUT_DIR holds: metrics, curation table, subject and group reports.
+
+    QC works on the derivatives alone (preprocessed scans, ROI series, imported series), so no BIDS
+    dataset is needed.
 
     Parameters
     ----------
-    bids_dir : Path
-        The raw dataset (not read: QC works on the derivatives).
     output_dir : Path
         Derivatives folder of the participant level.
     cfg : Config

@@ -29,7 +29,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str
     from test_reports import make_synthetic_output
 
     out = make_synthetic_output(tmp_path_factory.mktemp("browser"))
-    run_group(out.parent, out, Config())
+    run_group(out, Config())
     server = make_server(out, 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

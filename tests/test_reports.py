@@ -85,7 +85,7 @@ def group_output(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     from qc.group import run_group
 
     out = make_synthetic_output(tmp_path_factory.mktemp("grp"))
-    code = run_group(out.parent, out, Config())
+    code = run_group(out, Config())
     return out, code
 
 
@@ -129,7 +129,7 @@ def test_missing_confounds_is_partial(tmp_path: Path) -> None:
 
     out = make_synthetic_output(tmp_path, with_anat=False)
     func_outputs(out, {"sub": "01", "task": "rest"}, 2).confounds.unlink()
-    assert run_group(out.parent, out, Config()) == 3
+    assert run_group(out, Config()) == 3
     df = pd.read_parquet(out / "curation" / "curation.parquet")
     assert "bold" not in set(df["modality"])
     assert "missing confounds TSV" in (out / "reports" / "sub-01.html").read_text()
@@ -140,7 +140,7 @@ def test_empty_output_dir_is_an_error(tmp_path: Path) -> None:
     from qc.group import run_group
 
     with pytest.raises(NeurocurateError, match="no derivatives"):
-        run_group(tmp_path, tmp_path, Config())
+        run_group(tmp_path, Config())
 
 
 def test_thresholds_from_config_change_decisions(tmp_path: Path) -> None:
@@ -148,7 +148,7 @@ def test_thresholds_from_config_change_decisions(tmp_path: Path) -> None:
 
     out = make_synthetic_output(tmp_path, with_anat=False)
     cfg = from_dict(Config, {"qc": {"timeseries": {"max_zero_variance_fraction": 0.5}}})
-    run_group(out.parent, out, cfg)
+    run_group(out, cfg)
     df = pd.read_parquet(out / "curation" / "curation.parquet")
     assert df.loc[df["modality"] == "timeseries", "qc_pass"].item()
 

@@ -79,4 +79,4 @@ def run(args: argparse.Namespace) -> int:
     from qc.group import run_group
 
     check_bids_root(bids_dir)
-    return run_group(bids_dir, output_dir, cfg)
+    return run_group(output_dir, cfg)
