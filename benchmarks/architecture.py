@@ -113,12 +113,6 @@ def sccs(graph: dict[str, set[str]]) -> list[list[str]]:
     return result
 
 
-def layer_of(mod: str) -> str:
-    parts = mod.split(".")
-    if parts[0] != "pipeline" or len(parts) == 1:
-        return parts[0]
-    return "pipeline." + parts[1] if len(parts) > 2 or (Path(parts[1]).suffix == "") else "pipeline"
-
 
 def main(argv: list[str]) -> int:
     root = Path(argv[1] if len(argv) > 1 else Path(__file__).resolve().parents[1]).resolve()
@@ -130,6 +124,8 @@ def main(argv: list[str]) -> int:
         parts = m.split(".")
         if parts[0] == "pipeline" and len(parts) >= 2 and (root / "pipeline" / parts[1]).is_dir():
             layers[f"pipeline/{parts[1]}/"].append(m)
+        elif m == "pipeline":
+            layers["pipeline/__init__.py"].append(m)
         elif parts[0] == "pipeline":
             layers["pipeline/*.py"].append(m)
         else:

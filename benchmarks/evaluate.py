@@ -38,8 +38,8 @@ SITES = ["NYU", "UM_1"]
 def prepare_shards(work: Path) -> Path:
     """ABIDE dev sites -> OUTPUT_DIR with curation table, gradients and shards (skipped when present)."""
     from pipeline.core.config import GradientsConfig, ImportConfig, ShardsConfig
-    from pipeline.roi.gradients import build_group_gradients
-    from pipeline.store.shards import build_shards
+    from pipeline.stages.gradients import build_group_gradients
+    from pipeline.stages.shards import build_shards
     from pipeline.stages.import_series import import_timeseries
 
     out = work / "abide_out"

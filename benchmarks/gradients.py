@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score
 
 from pipeline.roi.atlas import majority_networks
 from pipeline.core.config import GradientsConfig, ImportConfig
-from pipeline.roi.gradients import build_group_gradients
+from pipeline.stages.gradients import build_group_gradients
 from pipeline.stages.import_series import import_timeseries
 
 REPO = Path(__file__).resolve().parents[1]

@@ -117,7 +117,7 @@ def abide_shards(root: Path, limit: int | None) -> Path:
     """Write the ABIDE CC200 series into fMRI shards (one store, splits by subject)."""
     import pandas as pd
 
-    from pipeline.store.shards import write_shards
+    from pipeline.store.write import write_shards
 
     files = sorted((ABIDE / "rois_cc200").glob("*_rois_cc200.1D"))[:limit]
     pheno = pd.read_csv(ABIDE / "Phenotypic_V1_0b_preprocessed1.csv")

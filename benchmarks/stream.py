@@ -35,7 +35,10 @@ from torch.utils.data import DataLoader, Dataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.store import shards as sh  # noqa: E402
+from pipeline.core.layout import shard_path
+from pipeline.stages.shards import build_shards
+from pipeline.store.read import read_fmri_rows
+from pipeline.store.write import write_shards  # noqa: E402
 from pipeline.core.config import LoaderConfig, ShardsConfig  # noqa: E402
 from pipeline.store.loader import ShardDataset, StreamLoader, collate_samples  # noqa: E402
 
@@ -46,52 +49,20 @@ N_ROIS = 200
 
 
 def abide_output_dir(abide: Path, out: Path) -> Path:
-    """ABIDE CC200 series as an OUTPUT_DIR (importer when available) with an all-included curation table."""
-    if (out / "curation" / "curation.parquet").exists():
+    """ABIDE CC200 series as an OUTPUT_DIR, through the CLI: ``import-timeseries`` then group ``qc``."""
+    from pipeline.cli import main
+    from pipeline.core.layout import OutputLayout
+
+    if OutputLayout(out).curation_table.exists():
         return out
-    try:
-        from pipeline.core.config import load_config
-        from pipeline.stages.import_series import import_timeseries
-
-        import_timeseries([abide / "rois_cc200"], out, load_config().timeseries_import,
-                          phenotypes=abide / "Phenotypic_V1_0b_preprocessed1.csv")
-        how = "neurocurate importer"
-    except (ImportError, AttributeError) as exc:
-        how = f"direct .1D reading (importer unavailable: {exc})"
-        _abide_direct(abide, out)
-    rows = []
-    participants = pd.read_csv(out / "participants.tsv", sep="\t", dtype={"participant_id": str})
-    site_of = dict(zip(participants["participant_id"].str.removeprefix("sub-"),
-                       participants.get("site", pd.Series([""] * len(participants)))))
-    for path in sorted(out.glob("sub-*/func/*_timeseries.tsv")):
-        sub = path.name.split("_")[0].removeprefix("sub-")
-        rows.append({"subject": sub, "session": "", "task": "rest", "acq": "", "run": "", "modality": "timeseries",
-                     "site": str(site_of.get(sub, "")), "path": str(path.relative_to(out)), "qc_pass": True,
-                     "failed_rules": "", "override": "", "override_comment": "", "include": True})
-    (out / "curation").mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_parquet(out / "curation" / "curation.parquet")
-    print(f"ABIDE OUTPUT_DIR built by {how}: {len(rows)} runs")
+    code = main(["import-timeseries", str(abide / "rois_cc200"), "-o", str(out),
+                 "--phenotypes", str(abide / "Phenotypic_V1_0b_preprocessed1.csv")])
+    if code not in (0, 3) or main(["qc", str(out)]) != 0:
+        raise SystemExit(f"building the ABIDE OUTPUT_DIR failed (import exit {code})")
+    table = pd.read_parquet(OutputLayout(out).curation_table)
+    print(f"ABIDE OUTPUT_DIR built by neurocurate import-timeseries + qc: {len(table)} runs, "
+          f"{int(table['include'].sum())} included")
     return out
-
-
-def _abide_direct(abide: Path, out: Path) -> None:
-    from pipeline.core.derivatives import timeseries_output
-
-    pheno = pd.read_csv(abide / "Phenotypic_V1_0b_preprocessed1.csv")
-    parts = []
-    for f in sorted((abide / "rois_cc200").glob("*_rois_cc200.1D")):
-        ph = pheno[pheno["FILE_ID"] == f.name.removesuffix("_rois_cc200.1D")]
-        if ph.empty:
-            continue
-        ph = ph.iloc[0]
-        sub = f"{int(ph['SUB_ID']):07d}"
-        x_TR = pd.read_csv(f, sep=r"\s+").to_numpy(np.float32)
-        path = timeseries_output(out, {"sub": sub, "task": "rest"}, "CC200")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(x_TR, columns=[f"#{i + 1}" for i in range(x_TR.shape[1])]).to_csv(path, sep="\t", index=False)
-        parts.append({"participant_id": f"sub-{sub}", "site": ph["SITE_ID"], "age": ph["AGE_AT_SCAN"],
-                      "sex": {1: "M", 2: "F"}.get(ph["SEX"], ""), "diagnosis": {1: "autism", 2: "control"}.get(ph["DX_GROUP"], "")})
-    pd.DataFrame(parts).to_csv(out / "participants.tsv", sep="\t", index=False)
 
 
 _BASES: list[np.ndarray] = []
@@ -118,7 +89,7 @@ def synthetic_shards(root: Path, n: int, cfg: ShardsConfig) -> tuple[float, floa
                             "site": [f"site{i % 5}" for i in range(n)]})
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
-    sh.write_shards(samples, root, cfg, read_sample=_read_synthetic)
+    write_shards(samples, root, cfg, read_sample=_read_synthetic)
     seconds = time.perf_counter() - t0
     mb = sum((150 + i % 101) * N_ROIS * 4 for i in range(n)) / 1e6
     return seconds, mb
@@ -159,7 +130,7 @@ def naive_zarr_reader(store_dir: Path):
     def read(rec, start, n):
         import zarr
 
-        arr = zarr.open_array(str(sh.shard_path(store_dir, rec["shard"]) / "data"), mode="r")
+        arr = zarr.open_array(str(shard_path(store_dir, rec["shard"]) / "data"), mode="r")
         # One sample at a time: the whole run through the shard index, then the crop.
         x_TR = arr[rec["offset"]:rec["offset"] + rec["length"]]
         return np.asarray(x_TR[start:start + n], dtype=np.float32)
@@ -169,7 +140,7 @@ def naive_zarr_reader(store_dir: Path):
 def export_npy(ds: ShardDataset, npy_dir: Path) -> None:
     npy_dir.mkdir(parents=True, exist_ok=True)
     for shard, group in ds.index.groupby("shard"):
-        arrays = sh.read_fmri_rows(ds.store_dir, int(shard), group["offset"].to_numpy(), group["length"].to_numpy())
+        arrays = read_fmri_rows(ds.store_dir, int(shard), group["offset"].to_numpy(), group["length"].to_numpy())
         for sid, x_TR in zip(group["sample_id"], arrays):
             np.save(npy_dir / f"{sid}.npy", x_TR)
 
@@ -260,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     out = abide_output_dir(Path(args.shared_data) / "abide", work / "abide_out")
     shutil.rmtree(out / "shards", ignore_errors=True)
     t0 = time.perf_counter()
-    index = sh.build_shards(out, cfg=cfg)
+    index = build_shards(out, cfg=cfg)
     dt = time.perf_counter() - t0
     mb = float((index["length"] * N_ROIS * 4).sum()) / 1e6
     print(f"[write] ABIDE: {len(index)} runs, {mb:.0f} MB in {dt:.2f} s -> {len(index) / dt:.0f} runs/s, {mb / dt:.0f} MB/s "

@@ -1,8 +1,12 @@
 """``neurocurate`` command line.
 
 Each sub-command lives in ``pipeline/commands/<name>.py`` and exposes
-``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
-Command modules import heavy libraries inside ``run`` so ``--help`` is fast.
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``; ``run``
+turns the arguments into a typed call of its stage (``pipeline/stages/<stage>.py``)
+and does nothing else. Argument parsing and printing happen here and in the
+commands only; the stages' user-facing messages (``neurocurate.user`` logger) are
+shown on standard output. Command modules import heavy libraries inside ``run`` so
+``--help`` is fast.
 """
 
 from __future__ import annotations
@@ -15,24 +19,21 @@ import sys
 
 from pipeline import __version__
 from pipeline.core.config import ConfigError
-from pipeline.core.errors import NeurocurateError
+from pipeline.core.console import attach_console
+from pipeline.core.errors import EXIT_ERROR, EXIT_INTERRUPTED, NeurocurateError
 
 # (sub-command name, module); order is the order shown in --help.
 COMMANDS: list[tuple[str, str]] = [
     ("prep", "pipeline.commands.prep"),
+    ("import-timeseries", "pipeline.commands.import_timeseries"),
+    ("qc", "pipeline.commands.qc"),
+    ("gradients", "pipeline.commands.gradients"),
     ("shards", "pipeline.commands.shards"),
     ("pretrain", "pipeline.commands.pretrain"),
-    ("qc", "pipeline.commands.qc"),
-    ("import-timeseries", "pipeline.commands.import_timeseries"),
-    ("gradients", "pipeline.commands.gradients"),
     ("evaluate", "pipeline.commands.evaluate"),
     ("run", "pipeline.commands.run"),
     ("demo", "pipeline.commands.demo"),
 ]
-
-EXIT_OK = 0
-EXIT_ERROR = 2
-EXIT_PARTIAL = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    attach_console()
     try:
         return int(args._module.run(args) or 0)
     except (NeurocurateError, ConfigError) as exc:
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("neurocurate: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

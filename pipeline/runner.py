@@ -17,7 +17,6 @@ series alone does not rebuild the gradients.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -26,15 +25,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.bids import check_output_dir
 from pipeline.core.config import Config, config_hash, config_to_dict
-from pipeline.core.errors import InputError, NeurocurateError
+from pipeline.core.console import USER_LOG
+from pipeline.core.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, InputError, NeurocurateError
+from pipeline.core.layout import EVALUATION_REPORT, OutputLayout, RunLayout, ShardsLayout
+from pipeline.core.provenance import software_versions
+from pipeline.stages.prep import failed_subjects
 from pipeline.core.manifest import (
     FileState,
     Manifest,
     diff_inputs,
     file_states,
     read_manifest,
-    software_versions,
     write_manifest,
 )
 
@@ -54,7 +57,6 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 STAGES = ("prep", "qc", "gradients", "shards", "pretrain", "evaluate")
-EXIT_OK, EXIT_ERROR, EXIT_PARTIAL = 0, 2, 3
 # BIDS files that describe the dataset but change no image processing.
 _LIGHT_BIDS_FILES = {"participants.tsv", "participants.json", "dataset_description.json", "README", "README.md",
                      "README.txt", "CHANGES", "LICENSE", ".bidsignore"}
@@ -77,20 +79,26 @@ class Context:
     cfg: Config
 
     @property
+    def layout(self) -> OutputLayout:
+        return OutputLayout(self.output_dir)
+
+    @property
     def shards_dir(self) -> Path:
         """Shards folder: ``[shards].shards_dir`` or ``OUTPUT_DIR/shards``."""
-        return Path(self.cfg.shards.shards_dir) if self.cfg.shards.shards_dir else self.output_dir / "shards"
+        from pipeline.stages.shards import resolve_shards_dir
+
+        return resolve_shards_dir(self.output_dir, self.cfg)
 
     @property
     def pretrain_dir(self) -> Path:
         """Pretraining run folder ``OUTPUT_DIR/pretrain``."""
-        return self.output_dir / "pretrain"
+        return self.layout.pretrain_dir
 
     @property
     def evaluation_dir(self) -> Path:
-        """Evaluation report folder ``OUTPUT_DIR/evaluation/<target>_<split>``."""
+        """Evaluation report folder ``RUN_DIR/evaluation/<target>_<split>`` of the run's pretraining."""
         run = self.cfg.run
-        return self.output_dir / "evaluation" / f"{run.evaluate_target}_{run.evaluate_split}"
+        return RunLayout(self.pretrain_dir).evaluation_dir(run.evaluate_target, run.evaluate_split)
 
 
 @dataclass(frozen=True)
@@ -188,63 +196,47 @@ def prep_config(ctx: Context) -> dict[str, Any]:
     return {"anat": c.anat, "bold": c.bold, "templates": c.templates, "parcellation": c.parcellation}
 
 
-def failed_subjects(output_dir: Path, subjects: list[str] | tuple[str, ...]) -> list[str]:
-    """Subjects among ``subjects`` with a crash file in ``OUTPUT_DIR/logs``."""
-    logs = output_dir / "logs"
-    return sorted(s for s in subjects if any(logs.glob(f"sub-{s}_*_crash.txt")))
-
-
 def execute_prep(ctx: Context, decision: Decision) -> int:
     """Run the participant level on the decided subjects (all when ``subjects`` is None)."""
+    from pipeline.stages.prep import refresh_descriptions, run_prep
+
     if decision.subjects == ():
         # Only dataset-level descriptions changed: refresh them, process nobody.
-        from pipeline.core.derivatives import write_dataset_description
-        from pipeline.stages.prep import _merge_participants
-
-        write_dataset_description(ctx.output_dir, ctx.bids_dir)
-        _merge_participants(ctx.bids_dir, ctx.output_dir)
+        refresh_descriptions(ctx.bids_dir, ctx.output_dir)
         return EXIT_OK
-    from pipeline.stages.prep import run_participant
-
-    labels = list(decision.subjects) if decision.subjects is not None else None
-    return run_participant(ctx.bids_dir, ctx.output_dir, ctx.work_dir, ctx.cfg, labels)
+    return run_prep(ctx.bids_dir, ctx.output_dir, ctx.cfg, work_dir=ctx.work_dir, participant_labels=decision.subjects)
 
 
 def qc_inputs(ctx: Context) -> dict[str, Path]:
     """Preprocessed derivatives, crash logs, ratings and participants.tsv (sites)."""
-    out = ctx.output_dir
+    layout = ctx.layout
     files: list[Path] = []
-    for sub_dir in sorted(out.glob("sub-*")):
-        if sub_dir.is_dir():
-            files.extend(p for p in _walk(sub_dir) if not p.name.endswith(_REPORT_SUFFIXES)
-                         and "figures" not in p.relative_to(sub_dir).parts)
-    files.extend(sorted((out / "logs").glob("sub-*_crash.txt")))
-    files.extend(p for p in (out / "curation" / "ratings.json", out / "participants.tsv") if p.is_file())
-    return _rel_files(out, files)
+    for sub_dir in layout.subject_dirs():
+        files.extend(p for p in _walk(sub_dir) if not p.name.endswith(_REPORT_SUFFIXES)
+                     and "figures" not in p.relative_to(sub_dir).parts)
+    files.extend(layout.crash_logs())
+    files.extend(p for p in (layout.ratings, layout.participants) if p.is_file())
+    return _rel_files(ctx.output_dir, files)
 
 
 def execute_qc(ctx: Context, decision: Decision) -> int:
     """Group level: metrics, curation table and reports."""
-    from qc.group import run_group
+    from pipeline.stages.qc import run_qc
 
-    return run_group(ctx.output_dir, ctx.cfg)
+    return run_qc(ctx.output_dir, ctx.cfg)
 
 
 def _atlas_name(ctx: Context) -> str:
-    from pipeline.roi.atlas import DEFAULT_ATLAS, atlas_from_config, bundled_atlases
+    from pipeline.stages.gradients import resolve_atlas
 
-    if ctx.cfg.gradients.atlas:
-        return ctx.cfg.gradients.atlas
-    chosen = ctx.cfg.parcellation.atlas or DEFAULT_ATLAS
-    # A bundled atlas is named by its key; loading it (a second) only to read the name would slow every no-op rerun.
-    return chosen if chosen in bundled_atlases() else atlas_from_config(ctx.cfg.parcellation).name
+    return resolve_atlas(ctx.output_dir, ctx.cfg)
 
 
 def gradients_inputs(ctx: Context) -> dict[str, Path] | None:
     """The curated ROI series of the atlas; None when there are none (anatomy-only data)."""
-    from pipeline.roi.gradients import find_curated_series
+    from pipeline.stages.gradients import find_curated_series
 
-    if not (ctx.output_dir / "curation" / "curation.parquet").is_file():
+    if not ctx.layout.curation_table.is_file():
         return None
     series = find_curated_series(ctx.output_dir, _atlas_name(ctx))
     return _rel_files(ctx.output_dir, series) if series else None
@@ -252,10 +244,9 @@ def gradients_inputs(ctx: Context) -> dict[str, Path] | None:
 
 def execute_gradients(ctx: Context, decision: Decision) -> int:
     """Group gradients of the curated series."""
-    from pipeline.roi.gradients import build_group_gradients
+    from pipeline.stages.gradients import run_gradients
 
-    result = build_group_gradients(ctx.output_dir, _atlas_name(ctx), ctx.cfg.gradients)
-    print(f"  {result.tsv}: {len(result.roi_names)} ROIs from {len(result.subjects)} subject(s)")
+    run_gradients(ctx.output_dir, ctx.cfg, atlas=_atlas_name(ctx))
     return EXIT_OK
 
 
@@ -263,14 +254,14 @@ def shards_inputs(ctx: Context) -> dict[str, Path] | None:
     """Curation table, participants.tsv, gradients and every included derivative."""
     import pandas as pd
 
-    out = ctx.output_dir
-    table_path = out / "curation" / "curation.parquet"
+    out, layout = ctx.output_dir, ctx.layout
+    table_path = layout.curation_table
     if not table_path.is_file():
         return None
     table = pd.read_parquet(table_path, columns=["path", "include"])
     files = [table_path]
-    files.extend(p for p in (out / "participants.tsv",) if p.is_file())
-    files.extend(sorted((out / "gradients").glob("atlas-*_gradients.tsv")))
+    files.extend(p for p in (layout.participants,) if p.is_file())
+    files.extend(layout.gradients_files())
     included = [out / str(p) for p in table.loc[table["include"].astype(bool), "path"]]
     if not included:
         return None
@@ -280,18 +271,18 @@ def shards_inputs(ctx: Context) -> dict[str, Path] | None:
 
 def execute_shards(ctx: Context, decision: Decision) -> int:
     """Build or extend the shards (they rewrite only what changed)."""
-    from pipeline.core.config import write_resolved_config
-    from pipeline.store.shards import build_shards
+    from pipeline.stages.shards import run_shards
 
-    index = build_shards(ctx.output_dir, ctx.shards_dir, ctx.cfg.shards)
-    write_resolved_config(ctx.cfg, ctx.shards_dir)
-    print(f"  {len(index)} samples in {index['store'].nunique()} store(s) -> {ctx.shards_dir / 'index.parquet'}")
+    run_shards(ctx.output_dir, ctx.cfg, shards_dir=ctx.shards_dir)
     return EXIT_OK
 
 
+_INDEX_KEY = "shards/index"
+
+
 def _index_input(ctx: Context) -> dict[str, Path] | None:
-    index = ctx.shards_dir / "index.parquet"
-    return {"shards/index.parquet": index} if index.is_file() else None
+    index = ShardsLayout(ctx.shards_dir).index
+    return {_INDEX_KEY: index} if index.is_file() else None
 
 
 def pretrain_config(ctx: Context) -> dict[str, Any]:
@@ -304,20 +295,11 @@ def pretrain_config(ctx: Context) -> dict[str, Any]:
 
 def execute_pretrain(ctx: Context, decision: Decision) -> int:
     """Train afresh on the shards' train split (a changed config or data means a new model)."""
-    import shutil
+    from pipeline.stages.pretrain import run_pretrain
 
-    from pipeline.commands import pretrain
-
-    # A retrain is a new model: stale checkpoints would otherwise win "newest"
-    # for the evaluate stage, and stale metrics would mix into the new curve.
-    shutil.rmtree(ctx.pretrain_dir / "checkpoints", ignore_errors=True)
-    (ctx.pretrain_dir / "metrics.jsonl").unlink(missing_ok=True)
-    args = argparse.Namespace(
-        shards_dir=str(ctx.shards_dir), config=ctx.cfg.run.pretrain_config, out=str(ctx.pretrain_dir), store=None,
-        split="train", max_steps=ctx.cfg.run.pretrain_max_steps or None, device=None, no_resume=True,
-        no_progress=True,
-    )
-    return pretrain.run(args)
+    run_pretrain(ctx.shards_dir, ctx.pretrain_dir, config=ctx.cfg.run.pretrain_config, split="train",
+                 max_steps=ctx.cfg.run.pretrain_max_steps or None, fresh=True, progress=False)
+    return EXIT_OK
 
 
 def evaluate_inputs(ctx: Context) -> dict[str, Path] | None:
@@ -329,12 +311,11 @@ def evaluate_inputs(ctx: Context) -> dict[str, Path] | None:
     if index is not None:
         import pyarrow.parquet as pq
 
-        if target not in pq.read_schema(index["shards/index.parquet"]).names:
+        if target not in pq.read_schema(index[_INDEX_KEY]).names:
             raise StageNotApplicable(f"no {target!r} column in participants.tsv (shard index); "
                                      "set [run].evaluate_target or --target")
-    # Checkpoints are checkpoints/step-<8 digits>.pt (pipeline.pretrain.checkpoint): the name order is the step
-    # order, and globbing here spares the plan a torch import.
-    steps = sorted((ctx.pretrain_dir / "checkpoints").glob("step-*.pt"))
+    # Globbing (RunLayout) spares the plan a torch import.
+    steps = RunLayout(ctx.pretrain_dir).checkpoints()
     ckpt = steps[-1] if steps else None
     if index is None or ckpt is None:
         return None
@@ -343,18 +324,11 @@ def evaluate_inputs(ctx: Context) -> dict[str, Path] | None:
 
 def execute_evaluate(ctx: Context, decision: Decision) -> int:
     """Frozen-embedding probes of the pretrained model against the baselines."""
-    from pipeline.core.config import write_resolved_config
-    from pipeline.evaluation.run import evaluate_run
+    from pipeline.stages.evaluate import run_evaluate
 
     run = ctx.cfg.run
-    result = evaluate_run(ctx.pretrain_dir, ctx.shards_dir, run.evaluate_target, split=run.evaluate_split,
-                          cfg=ctx.cfg.evaluate, out_dir=ctx.evaluation_dir)
-    write_resolved_config(ctx.cfg, ctx.evaluation_dir)
-    metric = result["primary_metric"]
-    print(f"  {run.evaluate_target} ({run.evaluate_split}, {result['n_tested']} tested samples), {metric}:")
-    for name, info in result["models"].items():
-        m = info["metrics"][metric]
-        print(f"    {name:24s} {m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]")
+    run_evaluate(ctx.pretrain_dir, ctx.shards_dir, run.evaluate_target, ctx.cfg, split=run.evaluate_split,
+                 out_dir=ctx.evaluation_dir)
     return EXIT_OK
 
 
@@ -362,20 +336,20 @@ def default_stages() -> tuple[Stage, ...]:
     """The six stages with their real implementations."""
     base = ("neurocurate", "numpy", "nibabel")
     return (
-        Stage("prep", prep_inputs, lambda c: [c.output_dir / "dataset_description.json"], prep_config,
+        Stage("prep", prep_inputs, lambda c: [c.layout.dataset_description], prep_config,
               execute_prep, (*base, "nipype", "antspyx", "deepbet", "scipy", "nilearn")),
         Stage("qc", qc_inputs,
-              lambda c: [c.output_dir / "curation" / "curation.parquet", c.output_dir / "reports" / "group.html"],
+              lambda c: [c.layout.curation_table, c.layout.group_report],
               lambda c: {"qc": c.cfg.qc, "templates": c.cfg.templates}, execute_qc, (*base, "scipy", "pandas")),
         Stage("gradients", gradients_inputs,
-              lambda c: [c.output_dir / "gradients" / f"atlas-{_atlas_name(c)}_gradients.tsv"],
+              lambda c: [c.layout.gradients_tsv(_atlas_name(c))],
               lambda c: {"gradients": c.cfg.gradients, "parcellation": c.cfg.parcellation}, execute_gradients,
               (*base, "scipy"), skip_reason="no curated ROI series (anatomy only, or every run excluded)"),
-        Stage("shards", shards_inputs, lambda c: [c.shards_dir / "index.parquet"], lambda c: {"shards": c.cfg.shards},
+        Stage("shards", shards_inputs, lambda c: [ShardsLayout(c.shards_dir).index], lambda c: {"shards": c.cfg.shards},
               execute_shards, (*base, "pandas", "zarr"), skip_reason="no curated scan is included"),
-        Stage("pretrain", _index_input, lambda c: [c.pretrain_dir / "metrics.jsonl"], pretrain_config,
+        Stage("pretrain", _index_input, lambda c: [RunLayout(c.pretrain_dir).metrics], pretrain_config,
               execute_pretrain, ("neurocurate", "torch"), skip_reason="no shards to train on"),
-        Stage("evaluate", evaluate_inputs, lambda c: [c.evaluation_dir / "report.html"],
+        Stage("evaluate", evaluate_inputs, lambda c: [c.evaluation_dir / EVALUATION_REPORT],
               lambda c: {"evaluate": c.cfg.evaluate, "target": c.cfg.run.evaluate_target,
                          "split": c.cfg.run.evaluate_split},
               execute_evaluate, ("neurocurate", "torch", "scikit-learn"),
@@ -427,11 +401,9 @@ class StageRunner:
 
     def __init__(self, bids_dir: str | Path, output_dir: str | Path, cfg: Config, *, work_dir: str | Path | None = None,
                  stages: tuple[Stage, ...] | None = None, force: bool = False, retry_failed: bool = False):
-        output_dir = Path(output_dir).resolve()
-        bids_dir = Path(bids_dir).resolve()
-        if output_dir == bids_dir:
-            raise NeurocurateError(f"{output_dir}: the output folder must differ from the BIDS folder")
-        self.ctx = Context(bids_dir, output_dir, Path(work_dir).resolve() if work_dir else output_dir / ".work", cfg)
+        bids_dir, output_dir = check_output_dir(bids_dir, output_dir)
+        work = Path(work_dir).resolve() if work_dir else OutputLayout(output_dir).default_work_dir
+        self.ctx = Context(bids_dir, output_dir, work, cfg)
         self.stages = {s.name: s for s in (stages or default_stages())}
         self.force = force
         self.retry_failed = retry_failed
@@ -612,33 +584,33 @@ class StageRunner:
                 if not decision.skip:
                     self._refresh_stat_cache(decision)
                 outcomes.append(StageOutcome(name, status, time.perf_counter() - t0, decision.skip))
-                print(f"[{name}] {status}{': ' + decision.skip if decision.skip else ''}", flush=True)
+                USER_LOG.info(f"[{name}] {status}{': ' + decision.skip if decision.skip else ''}")
                 prep_manifest = read_manifest(self.ctx.output_dir, "prep") if name == "prep" else None
                 if prep_manifest is not None and prep_manifest.extra.get("failed"):
                     # Subjects that failed before still have no derivatives: the dataset stays partial.
                     exit_code = EXIT_PARTIAL
-                    print(f"[prep] still failed (inputs unchanged; --retry-failed to retry): "
-                          f"{', '.join('sub-' + s for s in prep_manifest.extra['failed'])}", flush=True)
+                    USER_LOG.info(f"[prep] still failed (inputs unchanged; --retry-failed to retry): "
+                          f"{', '.join('sub-' + s for s in prep_manifest.extra['failed'])}")
                 continue
-            print(f"[{name}] running: {'; '.join(decision.reasons)}", flush=True)
+            USER_LOG.info(f"[{name}] running: {'; '.join(decision.reasons)}")
             try:
                 code = int(self.stages[name].execute(self.ctx, decision) or 0)
             except (NeurocurateError, ValueError) as exc:
                 outcomes.append(StageOutcome(name, "failed", time.perf_counter() - t0, str(exc)))
-                print(f"[{name}] failed: {exc}", flush=True)
+                USER_LOG.info(f"[{name}] failed: {exc}")
                 outcomes.extend(StageOutcome(n, "not run", 0.0, f"{name} failed") for n in selected[i + 1:])
                 return RunResult(tuple(outcomes), EXIT_ERROR, *self._reports())
             seconds = time.perf_counter() - t0
             if code not in (EXIT_OK, EXIT_PARTIAL):
                 outcomes.append(StageOutcome(name, "failed", seconds, f"exit code {code}"))
-                print(f"[{name}] failed (exit code {code})", flush=True)
+                USER_LOG.info(f"[{name}] failed (exit code {code})")
                 outcomes.extend(StageOutcome(n, "not run", 0.0, f"{name} failed") for n in selected[i + 1:])
                 return RunResult(tuple(outcomes), EXIT_ERROR, *self._reports())
             self._record(decision, code)
             status = "ran" if code == EXIT_OK else "partial"
             outcomes.append(StageOutcome(name, status, seconds))
-            print(f"[{name}] {'done' if code == EXIT_OK else 'partial: some subjects or scans failed'} in {seconds:.1f} s",
-                  flush=True)
+            USER_LOG.info(f"[{name}] {'done' if code == EXIT_OK else 'partial: some subjects or scans failed'} "
+                          f"in {seconds:.1f} s")
             if code == EXIT_PARTIAL:
                 exit_code = EXIT_PARTIAL
                 if stop_on_first_crash:
@@ -647,8 +619,8 @@ class StageRunner:
         return RunResult(tuple(outcomes), exit_code, *self._reports())
 
     def _reports(self) -> tuple[Path | None, Path | None]:
-        qc = self.ctx.output_dir / "reports" / "group.html"
-        ev = self.ctx.evaluation_dir / "report.html"
+        qc = self.ctx.layout.group_report
+        ev = self.ctx.evaluation_dir / EVALUATION_REPORT
         return (qc if qc.is_file() else None, ev if ev.is_file() else None)
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipeline.core.config import Config, write_resolved_config
 from pipeline.core.derivatives import SPACE, anat_outputs, func_outputs, parse_name
-from pipeline.core.errors import InputError, NeurocurateError
+from pipeline.core.errors import EXIT_OK, EXIT_PARTIAL, InputError, NeurocurateError
 from pipeline.core.templates import get_template
 
 __all__ = [
@@ -36,8 +36,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_PARTIAL = 3
 _ANAT = ("T1w", "T2w", "FLAIR")
 _ENTITY_COLS = {"ses": "session", "task": "task", "acq": "acq", "run": "run"}
 

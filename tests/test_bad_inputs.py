@@ -45,7 +45,8 @@ def test_prep_reports_a_truncated_scan_and_keeps_the_good_subject(tmp_path, shar
     """A real ``neurocurate prep`` run: the broken subject is named in the log, its crash file and its report."""
     import shutil
 
-    from pipeline.cli import EXIT_PARTIAL, main
+    from pipeline.cli import main
+    from pipeline.core.errors import EXIT_PARTIAL
     from pipeline.core.derivatives import anat_outputs
 
     templates = shared_data / "templates"
@@ -64,7 +65,7 @@ def test_prep_reports_a_truncated_scan_and_keeps_the_good_subject(tmp_path, shar
                  "--template-dir", str(templates)])
 
     assert code == EXIT_PARTIAL
-    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("error:")]
+    printed = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(printed) == 1 and "sub-bad_T1w.nii.gz" in printed[0] and "cannot be read as NIfTI" in printed[0]
     crash = list((out / "logs").glob("sub-bad_*_crash.txt"))
     assert len(crash) == 1

@@ -52,3 +52,13 @@ def test_invalid_toml_is_one_line(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_loader_section_is_not_silently_ignored(tmp_path):
+    """The loader's settings come from the stage that reads the shards; a [loader] section is an error, not ignored."""
+    from pipeline.core.config import ConfigError, load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text("[loader]\nshuffle_buffer = 8\n")
+    with pytest.raises(ConfigError, match="loader"):
+        load_config(path)

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import main
-from pipeline.commands.demo import build_demo_dataset, demo_root
+from pipeline.stages.demo import build_demo_dataset, demo_root
+from pipeline.core.layout import OutputLayout, RunLayout
 from pipeline.core.manifest import read_manifest
 from pipeline.runner import STAGES
 
@@ -52,7 +53,7 @@ def test_demo_runs_every_stage_and_writes_both_reports(demo_run, capsys):
     for stage in STAGES:
         assert read_manifest(out, stage) is not None, stage
     assert (out / "reports" / "group.html").is_file()
-    report = out / "evaluation" / "run_half_kfold" / "report.html"
+    report = RunLayout(OutputLayout(out).pretrain_dir).evaluation_dir("run_half", "kfold") / "report.html"
     assert report.is_file()
     table = pd.read_parquet(out / "curation" / "curation.parquet")
     assert set(table["subject"]) == {"01", "02", "03", "04"}

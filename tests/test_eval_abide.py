@@ -15,7 +15,7 @@ from pipeline.evaluation.run import evaluate_run
 from pipeline.store.loader import ShardDataset
 from pipeline.pretrain.config import load_pretrain_config
 from pipeline.pretrain.train import Trainer
-from pipeline.store.shards import build_shards
+from pipeline.stages.shards import build_shards
 from pipeline.stages.import_series import import_timeseries
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.store import shards as sh
+from pipeline.store.write import write_shards
 from pipeline.core.config import EvaluateConfig, LoaderConfig, ShardsConfig
 from pipeline.evaluation.run import evaluate_run
 from pipeline.store.loader import ShardDataset
@@ -34,7 +34,7 @@ def test_structural_run_with_pca_and_cnn_baselines(tmp_path):
     table = pd.DataFrame({"sample_id": [f"t1-{i}" for i in range(n)], "subject": [f"s{i}" for i in range(n)],
                           "store": "anat", "kind": "anat", "modality": "T1w", "site": "A",
                           "diagnosis": ["patient" if i % 2 else "control" for i in range(n)]})
-    sh.write_shards(table, tmp_path / "shards", ShardsConfig(anat_samples_per_shard=8, crop_box=BOX), label_columns=["diagnosis"],
+    write_shards(table, tmp_path / "shards", ShardsConfig(anat_samples_per_shard=8, crop_box=BOX), label_columns=["diagnosis"],
                     read_sample=lambda row: {"volume": _volume(int(row["sample_id"].split("-")[1])),
                                              "mask": _volume(0) > 0.5, "affine": np.eye(4)})
     cfg = load_pretrain_config("tiny")

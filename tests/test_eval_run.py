@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.store import shards as sh
+from pipeline.store.write import write_shards
 from pipeline.cli import main
 from pipeline.core.config import EvaluateConfig, ShardsConfig
 from pipeline.core.errors import InputError
@@ -49,7 +49,7 @@ def _import(root: Path, prefix: str, sites: list[str], n: int = 48, seed: int = 
     def read(row):
         return {"x_TR": _series(seed + int(row["sample_id"].split("-")[-1]), labels[row["sample_id"]]), "roi_names": ROIS}
 
-    sh.write_shards(table, root, ShardsConfig(samples_per_shard=16), read_sample=read, gradients=grads,
+    write_shards(table, root, ShardsConfig(samples_per_shard=16), read_sample=read, gradients=grads,
                     label_columns=["diagnosis", "age"])
     return root
 
@@ -143,7 +143,7 @@ def test_reference_shards_with_other_rois_are_refused(setup, tmp_path):
     other = tmp_path / "other"
     table = pd.DataFrame({"sample_id": ["x-0", "x-1"], "subject": ["x0", "x1"], "store": "fmri-Toy", "kind": "fmri",
                           "atlas": "Toy", "modality": "timeseries", "site": "A", "diagnosis": ["autism", "control"]})
-    sh.write_shards(table, other, ShardsConfig(), label_columns=["diagnosis"],
+    write_shards(table, other, ShardsConfig(), label_columns=["diagnosis"],
                     read_sample=lambda row: {"x_TR": np.random.default_rng(0).standard_normal((80, 3)).astype(np.float32),
                                              "roi_names": ["a", "b", "c"]})
     with pytest.raises(InputError, match="ROI names differ"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -14,13 +13,13 @@ from pipeline.core.errors import InputError, NeurocurateError
 from pipeline.roi.gradients import (
     affinity_matrix,
     align_gradients,
-    build_group_gradients,
     diffusion_map,
     group_connectome,
     read_gradients,
     run_correlation,
 )
 from pipeline.roi.parcellation import write_timeseries
+from pipeline.stages.gradients import build_group_gradients
 
 
 def test_two_block_affinity_matches_closed_form():
@@ -126,7 +125,9 @@ def _write_dataset(root, n_subjects=4, n_rois=30, seed=0, atlas="Toy"):
         if s == 0:
             series[:, 5] = 0.0  # an ROI outside this subject's field of view
         out = root / f"sub-{s:02d}" / "func" / f"sub-{s:02d}_task-rest_atlas-{atlas}_timeseries.tsv"
-        write_timeseries(out, series, names, {"RepetitionTime": 2.0})
+        sidecar = {"RepetitionTime": 2.0, "ROINames": names, "NumberOfVolumes": 120,  # as extract_timeseries writes
+                   "ZeroVarianceROIs": [names[5]] if s == 0 else []}
+        write_timeseries(out, series, names, sidecar)
     return names, comm
 
 
@@ -154,17 +155,24 @@ def test_build_group_gradients_files_and_reference(tmp_path):
 
 
 def test_curation_table_selects_included_runs(tmp_path):
-    pd = pytest.importorskip("pandas")
+    """The curation table of ``neurocurate qc`` (with a reviewer's exclusions) decides which runs count."""
+    from pipeline.cli import main
+
     _write_dataset(tmp_path, n_subjects=3)
-    rows = [
-        {"subject": f"0{s}", "modality": "timeseries", "include": s != 1,
-         "path": f"sub-0{s}/func/sub-0{s}_task-rest_atlas-{'Other' if s == 2 else 'Toy'}_timeseries.tsv"}
-        for s in range(3)
-    ]
-    rows.append({"subject": "07", "modality": "timeseries", "include": True,
-                 "path": "sub-07/func/sub-07_task-rest_atlas-Other_timeseries.tsv"})  # no Toy series: skipped
-    (tmp_path / "curation").mkdir()
-    pd.DataFrame(rows).to_parquet(tmp_path / "curation" / "curation.parquet")
+    other = tmp_path / "other"
+    _write_dataset(other, n_subjects=8, atlas="Other")
+    for sub in ("02", "07"):  # sub-02 has series of both atlases, sub-07 of the other atlas only
+        src = other / f"sub-{sub}" / "func"
+        dst = tmp_path / f"sub-{sub}" / "func"
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            (dst / f.name).write_bytes(f.read_bytes())
+    assert main(["qc", str(tmp_path)]) == 0
+    ratings = {f"sub-{s}/func/sub-{s}_task-rest_atlas-Toy_timeseries.tsv": {"decision": "exclude"} for s in ("01", "02")}
+    file = tmp_path.parent / "ratings.json"
+    file.write_text(json.dumps({"version": 1, "ratings": ratings}))
+    assert main(["qc", "import-ratings", str(tmp_path), str(file)]) == 0
+    # sub-01 excluded; sub-02 counts through its included Other-atlas run; sub-07 has no Toy series
     res = build_group_gradients(tmp_path, "Toy", GradientsConfig(n_components=3))
     assert res.subjects == ("00", "02")
 
@@ -184,13 +192,10 @@ def test_errors_name_the_problem(tmp_path):
 
 
 def test_cli_command(tmp_path, capsys):
-    from pipeline.commands import gradients as cmd
+    from pipeline.cli import main
 
     _write_dataset(tmp_path, n_subjects=2)
-    parser = argparse.ArgumentParser()
-    cmd.add_arguments(parser)
-    args = parser.parse_args([str(tmp_path), "--atlas", "Toy", "--n-components", "3"])
-    assert cmd.run(args) == 0
+    assert main(["gradients", str(tmp_path), "--atlas", "Toy", "--n-components", "3"]) == 0
     assert "30 ROIs x 3 gradients from 2 subject(s)" in capsys.readouterr().out
 
 

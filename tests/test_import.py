@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -182,29 +181,26 @@ def test_phenotype_file_errors(tmp_path):
 
 
 def test_cli_exit_code_partial(toy_abide, tmp_path, capsys):
-    from pipeline.commands import import_timeseries as cmd
+    from pipeline.cli import main
 
     rois, pheno, _ = toy_abide
-    parser = argparse.ArgumentParser()
-    cmd.add_arguments(parser)
-    args = parser.parse_args([str(rois), "-o", str(tmp_path / "d"), "--phenotypes", str(pheno)])
-    assert cmd.run(args) == 3
+
+    def cli(*argv: str) -> int:
+        return main(["import-timeseries", *argv])
+    assert cli(str(rois), "-o", str(tmp_path / "d"), "--phenotypes", str(pheno)) == 3
     assert "imported 3 run(s); 2 file(s) failed" in capsys.readouterr().err
     # every file needs a phenotype row, whatever the filters
-    args = parser.parse_args([str(rois), "-o", str(tmp_path / "d2"), "--phenotypes", str(pheno), "--sites", "UM_1"])
-    assert cmd.run(args) == 3
+    assert cli(str(rois), "-o", str(tmp_path / "d2"), "--phenotypes", str(pheno), "--sites", "UM_1") == 3
     err = capsys.readouterr().err
     assert "imported 1 run(s); 1 file(s) failed" in err and "UCLA" not in err
     good = [str(rois / "UM_1_0050272_rois_cc200.1D"), str(rois / "NYU_0050952_rois_cc200.1D")]
-    args = parser.parse_args([*good, "-o", str(tmp_path / "d3"), "--phenotypes", str(pheno), "--tr", "2.5"])
-    assert cmd.run(args) == 0
+    assert cli(*good, "-o", str(tmp_path / "d3"), "--phenotypes", str(pheno), "--tr", "2.5") == 0
     assert "imported 2 run(s); 0 file(s) failed; 1 run(s) with zero-variance ROIs" in capsys.readouterr().out
     assert (tmp_path / "d3" / "neurocurate_import_config.toml").exists()
     bad = tmp_path / "only_bad"
     bad.mkdir()
     (bad / "USM_0050433_rois_cc200.1D").write_text("garbage\n")
-    args = parser.parse_args([str(bad), "-o", str(tmp_path / "d4"), "--phenotypes", str(pheno)])
-    assert cmd.run(args) == 2
+    assert cli(str(bad), "-o", str(tmp_path / "d4"), "--phenotypes", str(pheno)) == 2
 
 
 def test_real_abide_subset(shared_data, tmp_path):

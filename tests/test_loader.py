@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.store import shards as sh
+from pipeline.core.layout import NORM_NAME
+from pipeline.store.read import read_index
+from pipeline.store.write import center_crop_pad, write_shards
 from pipeline.core.config import LoaderConfig, ShardsConfig
 from pipeline.store.loader import ShardDataset, StreamLoader, collate_samples
 
@@ -44,7 +46,7 @@ def _samples(n: int) -> pd.DataFrame:
 def store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shards")
     grads = {"fmri-Toy": pd.DataFrame({"roi": [f"r{i}" for i in range(R)], "g1": np.arange(R, dtype=float)})}
-    sh.write_shards(_samples(60), root, ShardsConfig(samples_per_shard=7, chunk_frames=8), read_sample=_read,
+    write_shards(_samples(60), root, ShardsConfig(samples_per_shard=7, chunk_frames=8), read_sample=_read,
                     gradients=grads, label_columns=["age", "sex"])
     return root
 
@@ -81,7 +83,7 @@ def test_two_ranks_two_workers_no_duplicates_no_gaps(store):
 
 
 def test_sample_contents_window_and_normalisation(store):
-    norm = json.loads((store / "fmri-Toy" / sh.NORM_NAME).read_text())
+    norm = json.loads((store / "fmri-Toy" / NORM_NAME).read_text())
     median = np.asarray(norm["median"], dtype=np.float32)[:, None]
     iqr = np.asarray(norm["iqr"], dtype=np.float32)[:, None]
     ds = ShardDataset(store, CFG, training=True)
@@ -100,7 +102,7 @@ def test_sample_contents_window_and_normalisation(store):
     evaluation = ShardDataset(store, CFG, training=False)
     for s in evaluation:
         assert s["start"] == (s["length"] - 16) // 2
-    index, _ = sh.read_index(store)
+    index, _ = read_index(store)
     assert [s["sample_id"] for s in evaluation] == index.sort_values(["shard", "position"])["sample_id"].tolist()
 
 
@@ -121,7 +123,7 @@ def test_filters(store):
     labelled = ShardDataset(store, CFG, require_labels=["age"])
     assert len(labelled.index) == 45
     train = ShardDataset(store, CFG, split="train")
-    index, _ = sh.read_index(store)
+    index, _ = read_index(store)
     assert len(train.index) == (index["split"] == "train").sum()
     assert ShardDataset(store, CFG, modality="bold").num_samples() == 0
     with pytest.raises(ValueError, match="label 'iq' is not in the index"):
@@ -210,16 +212,16 @@ def test_anat_samples(tmp_path):
 
     samples = pd.DataFrame({"sample_id": [f"a{i}" for i in range(5)], "subject": [f"p{i}" for i in range(5)],
                             "store": "anat", "kind": "anat", "modality": ["T1w", "T2w", "T1w", "T1w", "FLAIR"]})
-    sh.write_shards(samples, tmp_path, ShardsConfig(anat_samples_per_shard=2, crop_box=box), read_sample=read)
+    write_shards(samples, tmp_path, ShardsConfig(anat_samples_per_shard=2, crop_box=box), read_sample=read)
     ds = ShardDataset(tmp_path, LoaderConfig(normalization="none"), store="anat", modality="T1w", training=False)
     got = list(ds)
     assert [s["sample_id"] for s in got] == ["a0", "a2", "a3"]
     for s in got:
         vol = read({"sample_id": s["sample_id"]})["volume"]
-        expected = sh.center_crop_pad(vol, box)[0].astype(np.float16).astype(np.float32)
+        expected = center_crop_pad(vol, box)[0].astype(np.float16).astype(np.float32)
         assert s["x"].shape == (1, *box) and s["mask"].dtype == torch.uint8
         np.testing.assert_array_equal(s["x"][0].numpy(), expected)
-        np.testing.assert_array_equal(s["mask"][0].numpy(), sh.center_crop_pad(vol > 3, box)[0])
+        np.testing.assert_array_equal(s["mask"][0].numpy(), center_crop_pad(vol > 3, box)[0])
     normed = list(ShardDataset(tmp_path, LoaderConfig(), store="anat", training=False))
     inside = normed[0]["x"][normed[0]["mask"] > 0]
     assert abs(float(inside.median())) < 0.05
@@ -228,35 +230,26 @@ def test_anat_samples(tmp_path):
 
 @pytest.mark.integration
 def test_abide_series_to_shards_to_loader(shared_data, tmp_path):
-    """Real ABIDE CC200 series from two sites -> OUTPUT_DIR -> shards -> loader over 2 ranks x 2 workers."""
-    from pipeline.core.derivatives import timeseries_output
+    """Real ABIDE CC200 series from two sites, through the CLI (import -> qc -> shards), read back over
+    2 ranks x 2 workers."""
+    from pipeline.cli import main
+    from pipeline.core.layout import OutputLayout
 
     abide = shared_data / "abide"
-    pheno = pd.read_csv(abide / "Phenotypic_V1_0b_preprocessed1.csv")
     files = sorted((abide / "rois_cc200").glob("*_rois_cc200.1D"))
     chosen = [f for f in files if f.name.startswith(("NYU", "UM_1"))][:6] + [f for f in files if f.name.startswith("USM")][:6]
     out = tmp_path / "out"
-    rows, parts, raw = [], [], {}
-    for f in chosen:
-        file_id = f.name.removesuffix("_rois_cc200.1D")
-        ph = pheno[pheno["FILE_ID"] == file_id].iloc[0]
-        sub = str(int(ph["SUB_ID"]))
-        x_TR = np.loadtxt(f, comments="#", dtype=np.float32)
-        names = [f"#{i + 1}" for i in range(x_TR.shape[1])]
-        path = timeseries_output(out, {"sub": sub, "task": "rest"}, "CC200")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(x_TR, columns=names).to_csv(path, sep="\t", index=False, float_format="%.9g")
-        raw[sub] = x_TR
-        parts.append({"participant_id": f"sub-{sub}", "age": ph["AGE_AT_SCAN"],
-                      "sex": {1: "M", 2: "F"}[ph["SEX"]], "diagnosis": {1: "ASD", 2: "TD"}[ph["DX_GROUP"]]})
-        rows.append({"subject": sub, "session": "", "task": "rest", "acq": "", "run": "", "modality": "timeseries",
-                     "site": ph["SITE_ID"], "path": str(path.relative_to(out)), "qc_pass": True,
-                     "failed_rules": "", "override": "", "override_comment": "", "include": True})
-    pd.DataFrame(parts).to_csv(out / "participants.tsv", sep="\t", index=False)
-    (out / "curation").mkdir()
-    pd.DataFrame(rows).to_parquet(out / "curation" / "curation.parquet")
-    index = sh.build_shards(out, cfg=ShardsConfig(samples_per_shard=4))
-    assert len(index) == len(chosen) and set(index["store"]) == {"fmri-CC200"}
+    assert main(["import-timeseries", *map(str, chosen), "-o", str(out), "--phenotypes",
+                 str(abide / "Phenotypic_V1_0b_preprocessed1.csv")]) in (0, 3)
+    assert main(["qc", str(out)]) == 0
+    table = pd.read_parquet(OutputLayout(out).curation_table)
+    included = table[table["include"].astype(bool)]
+    assert len(included) >= len(chosen) - 3
+    raw = {str(r.subject): pd.read_csv(out / r.path, sep="\t").to_numpy(dtype=np.float32)
+           for r in included.itertuples()}
+    assert main(["shards", str(out), "--samples-per-shard", "4"]) == 0
+    index, _ = read_index(out / "shards")
+    assert len(index) == len(included) and set(index["store"]) == {"fmri-CC200"}
     seen = []
     for rank in range(2):
         ds = ShardDataset(out / "shards", LoaderConfig(window_length=64, shuffle_buffer=4), rank=rank, world_size=2)
@@ -267,4 +260,4 @@ def test_abide_series_to_shards_to_loader(shared_data, tmp_path):
     raw_ds = ShardDataset(out / "shards", LoaderConfig(window_length=0, normalization="none"), training=False)
     for s in raw_ds:
         np.testing.assert_array_equal(s["x"].numpy(), raw[s["subject"]].T)
-        assert s["diagnosis"] in ("ASD", "TD")
+        assert s["diagnosis"] in ("autism", "control")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import threading
 import urllib.error
@@ -201,17 +203,12 @@ def test_review_server_rates_and_guards(group_output: tuple[Path, int]) -> None:
 
 
 def _qc_cli(argv: list[str]) -> int:
-    import argparse
+    from pipeline.cli import main
 
-    from pipeline.commands import qc as qc_command
-
-    parser = argparse.ArgumentParser()
-    qc_command.add_arguments(parser)
-    return qc_command.run(parser.parse_args(argv))
+    return main(["qc", *argv])
 
 
-def test_cli_import_ratings(group_output: tuple[Path, int], tmp_path: Path) -> None:
-    from pipeline.core.errors import InputError
+def test_cli_import_ratings(group_output: tuple[Path, int], tmp_path: Path, capsys) -> None:
 
     out, _ = group_output
     path = "sub-02/anat/sub-02_space-MNI152NLin6Asym_res-2_desc-preproc_T1w.nii.gz"
@@ -223,7 +220,7 @@ def test_cli_import_ratings(group_output: tuple[Path, int], tmp_path: Path) -> N
     assert "fine" in (out / "reports" / "sub-02.html").read_text()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"ratings": {"sub-77/anat/x.nii.gz": {"decision": "exclude"}}}))
-    with pytest.raises(InputError, match="not in the curation table"):
-        _qc_cli(["import-ratings", str(out), str(bad)])
-    with pytest.raises(InputError, match="does not exist"):
-        _qc_cli(["import-ratings", str(out), str(tmp_path / "nope.json")])
+    assert _qc_cli(["import-ratings", str(out), str(bad)]) == 2
+    assert re.search("not in the curation table", capsys.readouterr().err)
+    assert _qc_cli(["import-ratings", str(out), str(tmp_path / "nope.json")]) == 2
+    assert re.search("does not exist", capsys.readouterr().err)

@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options."""
     parser.add_argument("output_dir", help="derivatives root (OUTPUT_DIR) holding the ROI series")
     parser.add_argument("--config", help="TOML config; the [gradients] section applies")
-    parser.add_argument("--atlas", help="atlas name of the series (default: [gradients].atlas, else [parcellation].atlas)")
+    parser.add_argument("--atlas", help="atlas name of the series (default: [gradients].atlas, else the only atlas with curated series, else [parcellation].atlas)")
     parser.add_argument("--n-components", type=int, help="number of gradients (default 30)")
     parser.add_argument("--sparsity", type=float, help="fraction of each row's weakest connections removed (default 0.9)")
     parser.add_argument("--alpha", type=float, help="diffusion-map anisotropy (default 0.5)")
@@ -20,27 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build and write the group gradients."""
-    from pipeline.roi.atlas import atlas_from_config
+    """Build and write the group gradients (:func:`pipeline.stages.gradients.run_gradients`)."""
+    from pipeline.commands import given
     from pipeline.core.config import load_config
-    from pipeline.roi.gradients import build_group_gradients
+    from pipeline.stages.gradients import run_gradients
 
-    overrides = {
-        k: v
-        for k, v in {
-            "atlas": args.atlas,
-            "n_components": args.n_components,
-            "sparsity": args.sparsity,
-            "alpha": args.alpha,
-            "reference": args.reference,
-            "alignment": args.alignment,
-        }.items()
-        if v is not None
-    }
-    cfg = load_config(args.config, {"gradients": overrides})
-    # Without an explicit name, the series are those of the parcellation atlas.
-    atlas_name = cfg.gradients.atlas or atlas_from_config(cfg.parcellation).name
-    result = build_group_gradients(args.output_dir, atlas_name, cfg.gradients)
-    var = ", ".join(f"{v:.3f}" for v in result.variance_explained[:3])
-    print(f"{result.tsv}: {len(result.roi_names)} ROIs x {result.gradients_RK.shape[1]} gradients from {len(result.subjects)} subject(s); variance explained g1-g3: {var}")
+    overrides = given(atlas=args.atlas, n_components=args.n_components, sparsity=args.sparsity, alpha=args.alpha,
+                      reference=args.reference, alignment=args.alignment)
+    run_gradients(args.output_dir, load_config(args.config, {"gradients": overrides}))
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 HELP = "import precomputed ROI time series (ABIDE PCP .1D + phenotypic CSV, or TSV/CSV/NPY) as derivatives"
 
@@ -24,34 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Import the files; exit 0 when all went well, 3 when some files failed."""
-    from pipeline.cli import EXIT_PARTIAL
-    from pipeline.core.config import load_config, write_resolved_config
-    from pipeline.stages.import_series import import_timeseries
+    """Import the files (:func:`pipeline.stages.import_series.run_import`); exit 0, 3 when some failed, 2 when all did."""
+    from pipeline.commands import given
+    from pipeline.core.config import load_config
+    from pipeline.core.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
+    from pipeline.stages.import_series import run_import
 
-    overrides = {
-        k: v
-        for k, v in {
-            "atlas_name": args.atlas_name,
-            "task": args.task,
-            "repetition_time": args.tr,
-            "min_volumes": args.min_volumes,
-        }.items()
-        if v is not None
-    }
-    cfg = load_config(args.config, {"timeseries_import": overrides})
-    report = import_timeseries(
-        args.inputs,
-        args.output_dir,
-        cfg.timeseries_import,
-        phenotypes=args.phenotypes,
-        sites=args.sites,
-        participant_labels=args.participant_label,
-        limit=args.limit,
-    )
-    if report.runs:
-        write_resolved_config(cfg, args.output_dir, name="neurocurate_import_config.toml")
-    print(report.summary(), file=sys.stderr if report.errors else sys.stdout)
+    overrides = given(atlas_name=args.atlas_name, task=args.task, repetition_time=args.tr, min_volumes=args.min_volumes)
+    report = run_import(args.inputs, args.output_dir, load_config(args.config, {"timeseries_import": overrides}),
+                        phenotypes=args.phenotypes, sites=args.sites, participant_labels=args.participant_label,
+                        limit=args.limit)
     if not report.runs and report.errors:
-        return 2
-    return 0 if report.ok else EXIT_PARTIAL
+        return EXIT_ERROR
+    return EXIT_OK if report.ok else EXIT_PARTIAL

@@ -58,25 +58,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    """Participant level: :func:`pipeline.stages.prep.run_prep`; group level: :func:`pipeline.stages.qc.run_qc`."""
     from pipeline.core.config import load_config
-    from pipeline.core.errors import NeurocurateError
 
     cfg = load_config(args.config, _overrides(args))
-    bids_dir = Path(args.bids_dir).resolve()
-    output_dir = Path(args.output_dir).resolve()
-    if output_dir == bids_dir:
-        raise NeurocurateError(f"{output_dir}: the output folder must differ from the BIDS folder")
-    work_dir = Path(args.work_dir).resolve() if args.work_dir else output_dir / ".work"
-
     if args.analysis_level == "participant":
-        from pipeline.stages.prep import run_participant
+        from pipeline.stages.prep import run_prep
 
-        return run_participant(bids_dir, output_dir, work_dir, cfg, args.participant_label)
+        return run_prep(args.bids_dir, args.output_dir, cfg, work_dir=args.work_dir,
+                        participant_labels=args.participant_label)
+    from pipeline.stages.qc import run_qc
 
-    from pipeline.core.bids import check_bids_root
-    from qc.group import run_group
-
-    check_bids_root(bids_dir)
-    return run_group(output_dir, cfg)
+    return run_qc(args.output_dir, cfg, bids_dir=args.bids_dir)

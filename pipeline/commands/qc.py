@@ -1,66 +1,67 @@
-"""``neurocurate qc``: review the curation locally.
+"""``neurocurate qc``: group QC of a derivatives folder, and the reviewer's actions on its curation.
 
-``qc review OUTPUT_DIR`` serves the group report on 127.0.0.1 and saves each
-include/exclude rating into ``OUTPUT_DIR/curation/ratings.json`` and the
-curation table at once. ``qc import-ratings OUTPUT_DIR FILE`` merges a
-ratings file exported from the report opened without the server.
+``qc OUTPUT_DIR`` measures whatever derivatives OUTPUT_DIR holds (preprocessed scans, ROI series,
+imported series) and writes the curation table and the reports; no BIDS folder is needed.
+``qc review OUTPUT_DIR`` serves the group report on 127.0.0.1 and saves each include/exclude rating
+into ``OUTPUT_DIR/curation/ratings.json`` and the curation table at once. ``qc import-ratings
+OUTPUT_DIR FILE`` merges a ratings file exported from the report opened without the server.
 """
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "review the QC curation: local review server (127.0.0.1) or import exported ratings"
+HELP = "group QC of OUTPUT_DIR (curation table + reports), or review it: qc OUTPUT_DIR | qc review OUTPUT_DIR | qc import-ratings OUTPUT_DIR FILE"
+
+# action -> (extra positional names, help)
+ACTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "review": ((), "serve the group report on 127.0.0.1 for rating scans"),
+    "import-ratings": (("FILE",), "merge a ratings.json exported from the group report into the curation table"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the ``review`` and ``import-ratings`` actions."""
-    sub = parser.add_subparsers(dest="qc_action", metavar="ACTION", required=True)
-    review = sub.add_parser("review", help="serve the group report on 127.0.0.1 for rating scans")
-    review.add_argument("output_dir", metavar="OUTPUT_DIR", help="derivatives root with curation/ and reports/")
-    review.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0 = any free port)")
-    imp = sub.add_parser("import-ratings", help="merge an exported ratings.json into the curation table")
-    imp.add_argument("output_dir", metavar="OUTPUT_DIR", help="derivatives root with curation/")
-    imp.add_argument("file", metavar="FILE", help="ratings JSON exported from the group report")
+    """``qc OUTPUT_DIR`` or ``qc ACTION OUTPUT_DIR ...``."""
+    parser.usage = ("neurocurate qc OUTPUT_DIR [--config FILE] [--bids-dir BIDS_DIR]\n"
+                    + "".join(f"       neurocurate qc {a} OUTPUT_DIR {' '.join(extra)}{' [--port PORT]' if a == 'review' else ''}\n"
+                              for a, (extra, _) in ACTIONS.items()))
+    parser.epilog = "actions: " + "; ".join(f"{a}: {h}" for a, (_, h) in ACTIONS.items())
+    parser.add_argument("words", nargs="+", metavar="OUTPUT_DIR | ACTION OUTPUT_DIR ...",
+                        help="derivatives root to QC, or an action and its arguments")
+    parser.add_argument("--config", help="TOML config; the [qc] and [templates] sections apply (group QC)")
+    parser.add_argument("--bids-dir", help="the raw BIDS dataset, checked when given (group QC)")
+    parser.add_argument("--port", type=int, default=8765, help="review: port on 127.0.0.1 (default 8765; 0 = any free port)")
 
 
-def _rerender(output_dir, subjects: set[str]) -> None:
-    """Refresh the group report and the rated subjects' reports with the config of the last group run."""
-    from pathlib import Path
+def _parse(parser_words: list[str]) -> tuple[str, list[str]]:
+    from pipeline.core.errors import NeurocurateError
 
-    from pipeline.core.config import load_config
-    from qc.curation import read_table
-    from qc.group import crash_log_subjects, write_group_report, write_subject_report
-
-    output_dir = Path(output_dir)
-    saved = output_dir / "curation" / "neurocurate_config.toml"
-    cfg = load_config(saved if saved.is_file() else None)
-    write_group_report(output_dir, read_table(output_dir), cfg, sorted(crash_log_subjects(output_dir)))
-    for subject in sorted(subjects):
-        write_subject_report(output_dir, subject, cfg)
+    head, rest = parser_words[0], parser_words[1:]
+    if head in ACTIONS:
+        extra = ACTIONS[head][0]
+        if len(rest) != 1 + len(extra):
+            raise NeurocurateError(f"qc {head}: expected OUTPUT_DIR {' '.join(extra)}".rstrip())
+        return head, rest
+    if rest:
+        raise NeurocurateError(f"qc: unexpected argument(s) {' '.join(rest)}; actions: {', '.join(ACTIONS)}")
+    return "group", [head]
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the chosen action; exit 0 on success."""
-    from pathlib import Path
+    """Run group QC or the chosen action; exit 0 (3 when some scans could not be measured)."""
+    from pipeline.stages import qc as stage
 
-    output_dir = Path(args.output_dir)
-    if args.qc_action == "import-ratings":
-        from qc.curation import read_table
-        from qc.review import import_ratings, load_ratings
+    action, words = _parse(args.words)
+    if action == "group":
+        from pipeline.core.config import load_config
 
-        n = import_ratings(output_dir, args.file)
-        df = read_table(output_dir)
-        rated = set(load_ratings(output_dir))
-        _rerender(output_dir, set(df.loc[df["path"].isin(rated), "subject"]))
-        print(f"imported {n} rating(s); {int(df['include'].sum())}/{len(df)} scans included")
+        return stage.run_qc(words[0], load_config(args.config), bids_dir=args.bids_dir)
+    if action == "import-ratings":
+        stage.import_ratings(words[0], words[1])
         return 0
-
-    from qc.review import make_server
-
-    server = make_server(output_dir, args.port)
+    server = stage.review_server(words[0], args.port)
     host, port = server.server_address[:2]
-    print(f"review server on http://{host}:{port}/ (Ctrl-C to stop); ratings go to {output_dir / 'curation'}", flush=True)
+    print(f"review server on http://{host}:{port}/ (Ctrl-C to stop); ratings go to {words[0]}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

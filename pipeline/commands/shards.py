@@ -18,27 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build or extend the shards; exit 0 on success."""
-    from pathlib import Path
+    """Build or extend the shards (:func:`pipeline.stages.shards.run_shards`); exit 0 on success."""
+    from pipeline.commands import given
+    from pipeline.core.config import load_config
+    from pipeline.stages.shards import run_shards
 
-    from pipeline.core.config import load_config, write_resolved_config
-    from pipeline.store.shards import build_shards
-
-    overrides = {
-        k: v
-        for k, v in {
-            "atlas": args.atlas,
-            "samples_per_shard": args.samples_per_shard,
-            "workers": args.workers,
-            "shards_dir": args.shards_dir,
-        }.items()
-        if v is not None
-    }
-    cfg = load_config(args.config, {"shards": overrides})
-    shards_dir = Path(cfg.shards.shards_dir or Path(args.output_dir) / "shards")
-    index = build_shards(args.output_dir, shards_dir, cfg.shards)
-    write_resolved_config(cfg, shards_dir)
-    counts = index.groupby(["store", "split"]).size().unstack(fill_value=0)
-    print(f"{len(index)} samples in {index['store'].nunique()} store(s) -> {shards_dir / 'index.parquet'}")
-    print(counts.to_string())
+    overrides = given(atlas=args.atlas, samples_per_shard=args.samples_per_shard, workers=args.workers,
+                      shards_dir=args.shards_dir)
+    run_shards(args.output_dir, load_config(args.config, {"shards": overrides}))
     return 0

@@ -21,7 +21,7 @@ from typing import Any
 from pipeline.core.errors import InputError, NeurocurateError
 
 __all__ = [
-    "Scan", "SubjectScans", "check_bids_root", "collect_scans", "dataset_fingerprint", "index_dataset",
+    "Scan", "SubjectScans", "check_bids_root", "check_output_dir", "collect_scans", "dataset_fingerprint", "index_dataset",
     "load_bold_image", "read_participants",
 ]
 
@@ -57,6 +57,14 @@ class SubjectScans:
     subject: str
     anat: tuple[Scan, ...]
     bold: tuple[Scan, ...]
+
+
+def check_output_dir(bids_dir: str | Path, output_dir: str | Path) -> tuple[Path, Path]:
+    """Resolved ``(bids_dir, output_dir)``; one line when they are the same folder."""
+    bids_dir, output_dir = Path(bids_dir).resolve(), Path(output_dir).resolve()
+    if output_dir == bids_dir:
+        raise NeurocurateError(f"{output_dir}: the output folder must differ from the BIDS folder")
+    return bids_dir, output_dir
 
 
 def check_bids_root(bids_dir: str | Path) -> Path:

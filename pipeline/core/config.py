@@ -143,6 +143,10 @@ class ShardsConfig:
 class LoaderConfig:
     """Streaming loader over the shards (``pipeline.store.loader.ShardDataset``).
 
+    Not a section of the TOML config: the stage that reads the shards decides these (pretraining takes
+    the window from its model config, evaluation reads whole runs), so a ``[loader]`` section is an
+    unknown key like any other.
+
     ``window_length`` frames are cropped from every fMRI run (random start in
     training, centred in evaluation); 0 keeps whole runs. Runs shorter than
     the window are zero-padded (``short_policy="pad"``, ``n_frames`` tells the
@@ -467,7 +471,6 @@ class Config:
     anat: AnatConfig = field(default_factory=AnatConfig)
     bold: BoldConfig = field(default_factory=BoldConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
     parcellation: ParcellationConfig = field(default_factory=ParcellationConfig)
     gradients: GradientsConfig = field(default_factory=GradientsConfig)
     timeseries_import: ImportConfig = field(default_factory=ImportConfig)

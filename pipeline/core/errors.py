@@ -1,10 +1,19 @@
-"""Exceptions that the command line turns into a one-line message."""
+"""Exceptions that the command line turns into a one-line message, and the exit codes (their one owner)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["NeurocurateError", "InputError"]
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "InputError", "NeurocurateError"]
+
+#: Everything done.
+EXIT_OK = 0
+#: A usage or input error, or a stage that failed as a whole (nothing after it ran).
+EXIT_ERROR = 2
+#: Partial: some subjects or scans failed, every other one finished.
+EXIT_PARTIAL = 3
+#: Stopped by Ctrl-C / SIGINT (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
 
 
 class NeurocurateError(Exception):

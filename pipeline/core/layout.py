@@ -19,8 +19,9 @@ is built by :mod:`pipeline.core.derivatives`; this module owns everything around
         .manifests/<stage>.json                       what each stage last ran on
 
     SHARDS_DIR/
-        index.parquet, catalog.parquet                the sample index (all stores) and the store catalog
-        <store>/                                      one Zarr v3 store per modality group
+        index.parquet                                 the sample index (all stores)
+        <store>/                                      one Zarr v3 store: fmri-<atlas> or anat
+            catalog.parquet, norm.json, shards/shard-<6 digits>/ (see pipeline.store.write)
 
     RUN_DIR/
         checkpoints/step-<8 digits>.pt, metrics.jsonl
@@ -33,24 +34,45 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "ANAT_STORE",
+    "CATALOG_NAME",
     "CONFIG_NAME",
     "CURATION_DECISION_COLUMNS",
     "CURATION_ENTITY_COLUMNS",
+    "EVALUATION_REPORT",
     "CURATION_NON_METRIC_COLUMNS",
     "OutputLayout",
     "RunLayout",
+    "INDEX_NAME",
+    "NORM_NAME",
     "ShardsLayout",
     "curation_metric_columns",
+    "shard_path",
+    "store_gradients",
+    "store_shards_dir",
 ]
 
 #: Name of the resolved config written next to a stage's outputs.
 CONFIG_NAME = "neurocurate_config.toml"
+#: SHARDS_DIR/index.parquet: one row per curated sample of every store.
+INDEX_NAME = "index.parquet"
+#: SHARDS_DIR/<store>/catalog.parquet: every sample ever published in the store.
+CATALOG_NAME = "catalog.parquet"
+#: SHARDS_DIR/<store>/norm.json: per-ROI robust statistics of the training split.
+NORM_NAME = "norm.json"
+#: The HTML page of an evaluation report folder (next to ``results.json`` and ``predictions.tsv``).
+EVALUATION_REPORT = "report.html"
+#: Name of the anatomical store (fMRI stores are ``fmri-<atlas>``).
+ANAT_STORE = "anat"
 
 #: Curation table: the scan's identity (BIDS entities, modality, site, derivative path relative to OUTPUT_DIR).
 CURATION_ENTITY_COLUMNS: tuple[str, ...] = ("subject", "session", "task", "acq", "run", "modality", "site", "path")
 #: Curation table: the decision columns, after the metric columns, in this order.
+#: ``qc_layer``: the curation layers that rejected the scan (absolute, reference, dataset, classifier);
+#: ``qc_reason``: why, in words; ``p_artifact``: the classifier's probability of a severe artifact.
 CURATION_DECISION_COLUMNS: tuple[str, ...] = (
-    "qc_pass", "failed_rules", "outlier_metrics", "override", "override_comment", "include",
+    "qc_pass", "qc_layer", "failed_rules", "qc_reason", "p_artifact", "outlier_metrics",
+    "override", "override_comment", "include",
 )
 #: Every column of the curation table that is not a QC metric.
 CURATION_NON_METRIC_COLUMNS: frozenset[str] = frozenset(CURATION_ENTITY_COLUMNS + CURATION_DECISION_COLUMNS)
@@ -182,18 +204,35 @@ class ShardsLayout:
 
     @property
     def index(self) -> Path:
-        return self.root / "index.parquet"
-
-    @property
-    def catalog(self) -> Path:
-        return self.root / "catalog.parquet"
+        return self.root / INDEX_NAME
 
     def store_dir(self, store: str) -> Path:
         return self.root / store
 
+    def catalog(self, store: str) -> Path:
+        return self.store_dir(store) / CATALOG_NAME
+
+    def norm(self, store: str) -> Path:
+        return self.store_dir(store) / NORM_NAME
+
     @property
     def resolved_config(self) -> Path:
         return self.root / CONFIG_NAME
+
+
+def store_shards_dir(store_dir: str | Path) -> Path:
+    """The folder of a store's shards (a zarr group)."""
+    return Path(store_dir) / "shards"
+
+
+def shard_path(store_dir: str | Path, shard: int) -> Path:
+    """Directory of shard number ``shard`` inside a store."""
+    return store_shards_dir(store_dir) / f"shard-{int(shard):06d}"
+
+
+def store_gradients(store_dir: str | Path) -> Path:
+    """A store's ``[R, k]`` gradient array (zarr)."""
+    return Path(store_dir) / "gradients"
 
 
 @dataclass(frozen=True)
@@ -220,8 +259,9 @@ class RunLayout:
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
 
-    def evaluation_dir(self, target: str, split: str) -> Path:
-        return self.root / "evaluation" / f"{target}_{split}"
+    def evaluation_dir(self, target: str, split: str, few_shot: int | None = None) -> Path:
+        """The one home of an evaluation report: ``RUN_DIR/evaluation/<target>_<split>[_k<K>]``."""
+        return self.root / "evaluation" / f"{target}_{split}{f'_k{few_shot}' if few_shot else ''}"
 
     @property
     def resolved_config(self) -> Path:

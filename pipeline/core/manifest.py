@@ -10,7 +10,6 @@ still "unchanged".
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from typing import Any
 
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.errors import InputError
+from pipeline.core.layout import OutputLayout
+from pipeline.core.provenance import file_digest
 
 __all__ = [
     "FileState",
@@ -28,17 +29,11 @@ __all__ = [
     "file_states",
     "manifest_path",
     "read_manifest",
-    "sha256_file",
-    "software_versions",
     "write_manifest",
 ]
 
 MANIFEST_VERSION = 1
 # Distributions whose version changes what a stage computes.
-_DISTRIBUTIONS = ("neurocurate", "nipype", "antspyx", "deepbet", "nibabel", "numpy", "scipy", "pandas",
-                  "zarr", "torch", "scikit-learn", "nilearn")
-
-
 @dataclass(frozen=True)
 class FileState:
     """Size, modification time (ns) and SHA-256 of one input file."""
@@ -85,16 +80,7 @@ class InputDiff:
 
 def manifest_path(output_dir: str | Path, stage: str) -> Path:
     """``OUTPUT_DIR/.manifests/<stage>.json``."""
-    return Path(output_dir) / ".manifests" / f"{stage}.json"
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
-    """SHA-256 of a file's bytes, read in ``chunk_bytes`` pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
+    return OutputLayout(output_dir).manifest(stage)
 
 
 def file_states(files: dict[str, Path], previous: dict[str, FileState] | None = None,
@@ -121,7 +107,7 @@ def file_states(files: dict[str, Path], previous: dict[str, FileState] | None = 
         if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
             out[key] = old
         else:
-            out[key] = FileState(st.st_size, st.st_mtime_ns, sha256_file(path, chunk_bytes))
+            out[key] = FileState(st.st_size, st.st_mtime_ns, file_digest(path, "sha256", chunk_bytes))
     return out
 
 
@@ -131,19 +117,6 @@ def diff_inputs(current: dict[str, FileState], previous: dict[str, FileState]) -
     removed = tuple(sorted(set(previous) - set(current)))
     changed = tuple(sorted(k for k in set(current) & set(previous) if current[k].sha256 != previous[k].sha256))
     return InputDiff(added, removed, changed)
-
-
-def software_versions() -> dict[str, str]:
-    """Installed versions of the distributions that shape the outputs (no imports)."""
-    from importlib import metadata
-
-    versions = {}
-    for dist in _DISTRIBUTIONS:
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 def read_manifest(output_dir: str | Path, stage: str) -> Manifest | None:

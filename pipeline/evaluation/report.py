@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.core.layout import EVALUATION_REPORT
 from pipeline.core.atomic import atomic_dir
 
 __all__ = ["to_json", "write_report"]
@@ -216,5 +217,5 @@ def write_report(out_dir: str | Path, result: dict[str, Any], table: pd.DataFram
     with atomic_dir(out_dir) as tmp:
         (tmp / "results.json").write_text(to_json(result))
         table.to_csv(tmp / "predictions.tsv", sep="\t", index=False, na_rep="n/a")
-        (tmp / "report.html").write_text(render_html(result, table))
+        (tmp / EVALUATION_REPORT).write_text(render_html(result, table))
     return out_dir

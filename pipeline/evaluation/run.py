@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.config import EvaluateConfig, config_to_dict
+from pipeline.core.layout import RunLayout
 from pipeline.core.errors import InputError
 from pipeline.evaluation.metrics import (
     higher_is_better,
@@ -339,7 +340,7 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, target: str, *, sp
 
     torch.set_num_threads(max(1, cfg.threads))
     run_dir, shards_dir = Path(run_dir), Path(shards_dir)
-    out_dir = Path(out_dir) if out_dir else run_dir / "eval" / f"{target}_{split}{f'_k{few_shot}' if few_shot else ''}"
+    out_dir = Path(out_dir) if out_dir else RunLayout(run_dir).evaluation_dir(target, split, few_shot)
     t0 = time.perf_counter()
     samples = read_shard_samples(shards_dir, target, store=store)
     if len(samples.data) == 0:

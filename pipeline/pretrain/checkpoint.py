@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.core.atomic import atomic_path
+from pipeline.core.layout import RunLayout
 from pipeline.core.errors import InputError
 
 __all__ = ["checkpoint_path", "get_rng_state", "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "save_checkpoint", "set_rng_state"]
@@ -26,7 +27,7 @@ _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     """``RUN_DIR/checkpoints/step-<step>.pt``."""
-    return Path(run_dir) / "checkpoints" / f"step-{step:08d}.pt"
+    return RunLayout(run_dir).checkpoint(step)
 
 
 def _steps(run_dir: str | Path) -> list[tuple[int, Path]]:

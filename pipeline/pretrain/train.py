@@ -24,6 +24,7 @@ from torch import nn
 
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.config import config_to_dict, dump_config
+from pipeline.core.layout import RunLayout
 from pipeline.core.errors import InputError, NeurocurateError
 from pipeline.pretrain.checkpoint import (
     checkpoint_path,
@@ -256,7 +257,7 @@ class Trainer:
 
     def _truncate_metrics(self) -> None:
         # Lines logged after the checkpoint would be logged again: drop them.
-        path = self.run_dir / "metrics.jsonl"
+        path = RunLayout(self.run_dir).metrics
         if path.is_file():
             keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
             atomic_write_text(path, "".join(f"{line}\n" for line in keep))
@@ -333,5 +334,5 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+        with open(RunLayout(self.run_dir).metrics, "a") as fh:
             fh.write(json.dumps(record) + "\n")

@@ -29,6 +29,7 @@ __all__ = [
     "Atlas",
     "atlas_from_config",
     "bundled_atlases",
+    "resample_labels",
     "load_atlas",
     "load_labels_array",
     "majority_networks",
@@ -308,8 +309,6 @@ def majority_networks(labels_img: str | Path, label_ids: tuple[int, ...] | list[
     list of str or None
         Network per ROI; ``None`` when no voxel overlaps the reference.
     """
-    from pipeline.roi.parcellation import resample_labels
-
     reference = reference or load_atlas()
     ref_labels, ref_affine = load_labels_array(reference.labels_img)
     labels, affine = load_labels_array(labels_img)
@@ -328,3 +327,30 @@ def majority_networks(labels_img: str | Path, label_ids: tuple[int, ...] | list[
     counts = np.zeros((ids.size, len(nets) + 1), dtype=np.int64)
     np.add.at(counts, (roi[sel], codes[sel]), 1)
     return [nets[int(c.argmax()) - 1] if c.sum() else None for c in counts]
+
+
+def resample_labels(labels: np.ndarray, labels_affine: np.ndarray, target_affine: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour resampling of a labels array onto another grid.
+
+    Uses the same :func:`scipy.ndimage.affine_transform` (order 0, zero
+    padding) that nilearn's ``resample_img`` uses, so the resampled labels,
+    and therefore the ROI means, are the ones ``NiftiLabelsMasker`` produces
+    with ``resampling_target="data"``.
+    """
+    from scipy import ndimage
+
+    target_shape = tuple(int(s) for s in target_shape[:3])
+    if np.allclose(labels_affine, target_affine) and labels.shape == target_shape:
+        return labels
+    # voxel index in the target grid -> voxel index in the labels grid
+    transform = np.linalg.inv(labels_affine) @ target_affine
+    out = ndimage.affine_transform(
+        labels.astype(np.float32),
+        transform[:3, :3],
+        offset=transform[:3, 3],
+        output_shape=target_shape,
+        order=0,
+        mode="constant",
+        cval=0.0,
+    )
+    return np.rint(out).astype(np.int32)

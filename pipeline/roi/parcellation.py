@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.roi.atlas import Atlas, load_labels_array
+from pipeline.roi.atlas import Atlas, load_labels_array, resample_labels
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.bids import load_bold_image
 from pipeline.core.errors import InputError
@@ -98,33 +98,6 @@ def signals_from_labels(
     signals_TR[:, nonempty] /= counts_R[nonempty]
     signals_TR[:, ~nonempty] = 0.0
     return signals_TR, counts_R
-
-
-def resample_labels(labels: np.ndarray, labels_affine: np.ndarray, target_affine: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour resampling of a labels array onto another grid.
-
-    Uses the same :func:`scipy.ndimage.affine_transform` (order 0, zero
-    padding) that nilearn's ``resample_img`` uses, so the resampled labels,
-    and therefore the ROI means, are the ones ``NiftiLabelsMasker`` produces
-    with ``resampling_target="data"``.
-    """
-    from scipy import ndimage
-
-    target_shape = tuple(int(s) for s in target_shape[:3])
-    if np.allclose(labels_affine, target_affine) and labels.shape == target_shape:
-        return labels
-    # voxel index in the target grid -> voxel index in the labels grid
-    transform = np.linalg.inv(labels_affine) @ target_affine
-    out = ndimage.affine_transform(
-        labels.astype(np.float32),
-        transform[:3, :3],
-        offset=transform[:3, 3],
-        output_shape=target_shape,
-        order=0,
-        mode="constant",
-        cval=0.0,
-    )
-    return np.rint(out).astype(np.int32)
 
 
 def zero_variance_columns(signals_TR: np.ndarray, rtol: float = 1e-10) -> np.ndarray:

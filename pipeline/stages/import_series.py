@@ -1,4 +1,7 @@
-"""Import precomputed ROI series (ABIDE PCP ``.1D``, TSV, CSV, NPY) as derivatives.
+"""Stage ``import``: precomputed ROI series (ABIDE PCP ``.1D``, TSV, CSV, NPY) as derivatives.
+
+Entry point: :func:`run_import`. What follows (``neurocurate qc OUT``, ``gradients``, ``shards``,
+``pretrain``, ``evaluate``) treats imported runs exactly like preprocessed ones.
 
 Each input file becomes one run ``sub-<label>/func/sub-<label>_task-<task>_atlas-<name>_timeseries.tsv``
 with the same JSON sidecar as a preprocessed run (``Source: "imported"``), so
@@ -27,21 +30,28 @@ import numpy as np
 
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.config import ImportConfig
+from pipeline.core.config import Config, write_resolved_config
+from pipeline.core.console import USER_LOG
+from pipeline.core.layout import OutputLayout
 from pipeline.core.derivatives import parse_name, timeseries_output, write_dataset_description
 from pipeline.core.errors import InputError
 from pipeline.roi.parcellation import write_timeseries, zero_variance_columns
 
 __all__ = [
+    "IMPORT_CONFIG_NAME",
     "ImportReport",
     "ImportedRun",
     "abide_file_id",
     "import_timeseries",
+    "run_import",
     "load_abide_phenotypes",
     "merge_participants",
     "read_series",
     "sanitize_label",
 ]
 
+#: The config an import ran with, next to its outputs (apart from the pipeline's own resolved config).
+IMPORT_CONFIG_NAME = "neurocurate_import_config.toml"
 MISSING_CODE = -9999
 _SERIES_EXT = (".1D", ".tsv", ".csv", ".npy")
 _FILE_ID_RE = re.compile(r"_rois_[A-Za-z0-9]+$")
@@ -359,7 +369,7 @@ def import_timeseries(
     if report.runs:
         write_dataset_description(output_dir)
     if participants:
-        merge_participants(output_dir / "participants.tsv", participants)
+        merge_participants(OutputLayout(output_dir).participants, participants)
     return report
 
 
@@ -453,3 +463,26 @@ def merge_participants(path: str | Path, rows: dict[str, dict]) -> Path:
     merged.to_csv(buf, sep="\t", index=False, na_rep="n/a", lineterminator="\n")
     atomic_write_text(path, buf.getvalue())
     return path
+
+
+def run_import(
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    cfg: Config,
+    *,
+    phenotypes: str | Path | None = None,
+    sites: Sequence[str] | None = None,
+    participant_labels: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> ImportReport:
+    """Import ROI series files into OUTPUT_DIR (the ``[timeseries_import]`` section applies).
+
+    Writes the runs, their sidecars, ``participants.tsv`` and the config the import ran with. The report says
+    what was imported and names every file that was not (``report.ok`` is False then; the others are imported).
+    """
+    report = import_timeseries(inputs, output_dir, cfg.timeseries_import, phenotypes=phenotypes, sites=sites,
+                               participant_labels=participant_labels, limit=limit)
+    if report.runs:
+        write_resolved_config(cfg, output_dir, name=IMPORT_CONFIG_NAME)
+    (USER_LOG.error if report.errors else USER_LOG.info)(report.summary())
+    return report

@@ -1,4 +1,6 @@
-"""Run the participant level on nipype's own execution plugins (MultiProc, Linear, SLURM, SGE, PBS, ...).
+"""Stage ``prep``: the BIDS-App participant level on nipype's own plugins (MultiProc, Linear, SLURM, SGE, PBS, ...).
+
+Entry point: :func:`run_prep`.
 
 One failing scan never stops the others: nipype skips only the failed node's
 descendants. Afterwards every crash is turned into a one-line error that
@@ -17,13 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.atomic import atomic_write_text
+from pipeline.core.bids import check_output_dir
 from pipeline.core.config import Config, write_resolved_config
+from pipeline.core.console import USER_LOG
 from pipeline.core.derivatives import write_dataset_description
+from pipeline.core.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
+from pipeline.core.layout import OutputLayout
 
-__all__ = ["CrashRecord", "collect_crashes", "nipype_plugin_args", "run_participant"]
+__all__ = ["CrashRecord", "collect_crashes", "failed_subjects", "nipype_plugin_args", "refresh_descriptions", "run_prep"]
 
 LOG = logging.getLogger(__name__)
-EXIT_OK, EXIT_ERROR, EXIT_PARTIAL = 0, 2, 3
 
 
 @dataclass(frozen=True)
@@ -76,17 +81,23 @@ def collect_crashes(crash_dir: Path, since: float) -> list[CrashRecord]:
 
 def _publish_crash(output_dir: Path, rec: CrashRecord) -> Path:
     short = rec.node.split(".", 2)[-1].replace(".", "_") if "." in rec.node else rec.node
-    target = output_dir / "logs" / f"sub-{rec.subject}_{short}_crash.txt"
+    target = OutputLayout(output_dir).crash_log(rec.subject, short)
     body = f"{rec.message}\n\nnode: {rec.node}\nnipype crash file: {rec.crash_file}\n\n{rec.crash_file.read_text(errors='replace')}"
     atomic_write_text(target, body)
     return target
 
 
 def _clear_old_crashes(output_dir: Path, subjects: list[str]) -> None:
-    logs = output_dir / "logs"
+    layout = OutputLayout(output_dir)
     for sub in subjects:
-        for path in logs.glob(f"sub-{sub}_*_crash.txt"):
+        for path in layout.crash_logs(sub):
             path.unlink(missing_ok=True)
+
+
+def failed_subjects(output_dir: Path, subjects: list[str] | tuple[str, ...]) -> list[str]:
+    """Subjects among ``subjects`` with a crash file in ``OUTPUT_DIR/logs``."""
+    layout = OutputLayout(output_dir)
+    return sorted(s for s in subjects if layout.crash_logs(s))
 
 
 def _remove_stale_temporaries(output_dir: Path) -> None:
@@ -107,7 +118,7 @@ def _merge_participants(bids_dir: Path, output_dir: Path) -> None:
     if rows is None:
         return
     new = pd.DataFrame(rows).set_index("participant_id")
-    target = output_dir / "participants.tsv"
+    target = OutputLayout(output_dir).participants
     if target.is_file():
         old = pd.read_csv(target, sep="\t", dtype=str, keep_default_na=False).set_index("participant_id")
         new = new.combine_first(old)[list(dict.fromkeys([*new.columns, *old.columns]))]
@@ -116,10 +127,43 @@ def _merge_participants(bids_dir: Path, output_dir: Path) -> None:
         atomic_write_text(target, text)
 
 
-def run_participant(
-    bids_dir: Path, output_dir: Path, work_dir: Path, cfg: Config, participant_labels: list[str] | None
+def refresh_descriptions(bids_dir: str | Path, output_dir: str | Path) -> None:
+    """Carry only the dataset-level descriptions (dataset_description.json, participants.tsv) into OUTPUT_DIR."""
+    bids_dir, output_dir = check_output_dir(bids_dir, output_dir)
+    write_dataset_description(output_dir, bids_dir)
+    _merge_participants(bids_dir, output_dir)
+
+
+def run_prep(
+    bids_dir: str | Path,
+    output_dir: str | Path,
+    cfg: Config,
+    *,
+    work_dir: str | Path | None = None,
+    participant_labels: list[str] | tuple[str, ...] | None = None,
 ) -> int:
-    """Index, build and run the participant-level graph; return the exit code."""
+    """Preprocess a BIDS dataset (participant level): index, build and run the nipype graph.
+
+    Parameters
+    ----------
+    bids_dir, output_dir : path-like
+        The raw dataset and the derivatives root (they must differ).
+    cfg : Config
+        Resolved configuration (``[execution]``, ``[anat]``, ``[bold]``, ``[templates]``, ``[parcellation]``).
+    work_dir : path-like, optional
+        nipype work folder and BIDS index cache (default ``OUTPUT_DIR/.work``).
+    participant_labels : list of str, optional
+        Subjects to process (with or without ``sub-``); default all.
+
+    Returns
+    -------
+    int
+        ``EXIT_OK``; ``EXIT_PARTIAL`` when some subjects failed and others finished (each failure is
+        in ``OUTPUT_DIR/logs``); ``EXIT_ERROR`` when none could be processed.
+    """
+    bids_dir, output_dir = check_output_dir(bids_dir, output_dir)
+    work_dir = Path(work_dir).resolve() if work_dir else OutputLayout(output_dir).default_work_dir
+    participant_labels = list(participant_labels) if participant_labels else None
     os.environ.setdefault("NIPYPE_NO_ET", "1")  # no network check for updates
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
@@ -146,11 +190,11 @@ def run_participant(
 
     _clear_old_crashes(output_dir, [*subjects, *subject_errors])
     for sub, exc in sorted(subject_errors.items()):
-        target = output_dir / "logs" / f"sub-{sub}_bids_crash.txt"
+        target = OutputLayout(output_dir).crash_log(sub, "bids")
         atomic_write_text(target, f"{exc}\n")
-        print(f"error: sub-{sub}: {exc} (subject skipped; details: {target})")
+        USER_LOG.error(f"error: sub-{sub}: {exc} (subject skipped; details: {target})")
     if not subjects:
-        print(f"neurocurate prep: no subject could be processed; see {output_dir / 'logs'}")
+        USER_LOG.error(f"neurocurate prep: no subject could be processed; see {OutputLayout(output_dir).logs_dir}")
         return EXIT_ERROR
     wf = init_neurocurate_wf(subjects=subjects, output_dir=output_dir, work_dir=work_dir, cfg=cfg)
     wf.config["execution"].update({
@@ -161,7 +205,7 @@ def run_participant(
         "remove_unnecessary_outputs": False,
     })
     n_scans = sum(len(s.anat) + len(s.bold) for s in subjects.values())
-    print(f"neurocurate prep: {len(subjects)} subject(s), {n_scans} scan(s); work dir {work_dir}")
+    USER_LOG.info(f"neurocurate prep: {len(subjects)} subject(s), {n_scans} scan(s); work dir {work_dir}")
     started = time.time() - 1.0
     failed = False
     try:
@@ -173,14 +217,14 @@ def run_participant(
     crashes = collect_crashes(crash_dir, started)
     for rec in crashes:
         path = _publish_crash(output_dir, rec)
-        print(f"error: sub-{rec.subject}: {rec.message} (details: {path})")
+        USER_LOG.error(f"error: sub-{rec.subject}: {rec.message} (details: {path})")
     if failed and not crashes:
-        print("error: the workflow failed without a crash file; rerun with -vv for nipype's log")
+        USER_LOG.error("error: the workflow failed without a crash file; rerun with -vv for nipype's log")
     bad = {rec.subject for rec in crashes} | set(subject_errors)
     ok = sorted(set(subjects) - bad)
     _subject_reports(output_dir, ok + sorted(bad), cfg)
     n_all = len(set(subjects) | set(subject_errors))
-    print(f"neurocurate prep: {len(ok)} of {n_all} subject(s) finished; derivatives in {output_dir}")
+    USER_LOG.info(f"neurocurate prep: {len(ok)} of {n_all} subject(s) finished; derivatives in {output_dir}")
     if failed or crashes or subject_errors:
         return EXIT_PARTIAL if ok else EXIT_ERROR
     return EXIT_OK

@@ -1,4 +1,4 @@
-"""Streaming, resumable torch loader over the shards written by :mod:`pipeline.store.shards`.
+"""Streaming, resumable torch loader over the shards written by :mod:`pipeline.store.write`.
 
 Each item yielded by :class:`ShardDataset` is a dict.
 
@@ -85,13 +85,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.core.config import LoaderConfig
 from pipeline.core.errors import InputError
-from pipeline.store.shards import (
-    NORM_NAME,
-    read_anat_rows,
-    read_fmri_rows,
-    read_index,
-    read_store_meta,
-)
+from pipeline.core.layout import NORM_NAME, store_gradients
+from pipeline.store.read import read_anat_rows, read_fmri_rows, read_index, read_store_meta
 
 __all__ = ["ShardDataset", "StreamLoader", "collate_samples"]
 
@@ -206,11 +201,11 @@ class ShardDataset(IterableDataset):
         return median, np.where(iqr > 1e-8, iqr, 1.0).astype(np.float32)
 
     def _gradients(self) -> torch.Tensor | None:
-        if self.kind != "fmri" or not (self.store_dir / "gradients").exists():
+        if self.kind != "fmri" or not store_gradients(self.store_dir).exists():
             return None
         import zarr
 
-        return torch.from_numpy(np.asarray(zarr.open_array(str(self.store_dir / "gradients"), mode="r")[...],
+        return torch.from_numpy(np.asarray(zarr.open_array(str(store_gradients(self.store_dir)), mode="r")[...],
                                            dtype=np.float32))
 
     # ------------------------------------------------------------------ order

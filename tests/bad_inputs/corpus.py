@@ -333,7 +333,8 @@ def _build_no_description(ctx: Ctx) -> Built:
 
 
 def _trigger_cli_prep(ctx: Ctx, built: Built) -> str:
-    from pipeline.cli import EXIT_ERROR, main
+    from pipeline.cli import main
+    from pipeline.core.errors import EXIT_ERROR
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -439,7 +440,8 @@ def _shard_cfg():
 
 
 def _build_corrupted_shard(ctx: Ctx) -> Built:
-    from pipeline.store.shards import shard_path, write_shards
+    from pipeline.core.layout import shard_path
+    from pipeline.store.write import write_shards
 
     shards = ctx.tmp / "shards"
     index = write_shards(_shard_samples(ctx, ["01", "02"]), shards, _shard_cfg(), read_sample=_read_sample)
@@ -450,7 +452,7 @@ def _build_corrupted_shard(ctx: Ctx) -> Built:
 
 
 def _trigger_corrupted_shard(ctx: Ctx, built: Built) -> str:
-    from pipeline.store.shards import read_fmri_rows
+    from pipeline.store.read import read_fmri_rows
 
     index = built.extra["index"]
     return error_of(read_fmri_rows, built.extra["store"], 0, index["offset"].to_numpy(), index["length"].to_numpy())
@@ -467,7 +469,8 @@ def _build_corrupted_anat_shard(ctx: Ctx) -> Built:
     import pandas as pd
 
     from pipeline.core.config import ShardsConfig
-    from pipeline.store.shards import shard_path, write_shards
+    from pipeline.core.layout import shard_path
+    from pipeline.store.write import write_shards
 
     rows = pd.DataFrame([{"sample_id": f"sub-0{i}_T1w", "subject": f"0{i}", "store": "anat", "kind": "anat",
                           "split": "train"} for i in (1, 2)])
@@ -486,13 +489,14 @@ def _build_corrupted_anat_shard(ctx: Ctx) -> Built:
 
 
 def _trigger_anat_shard(ctx: Ctx, built: Built) -> str:
-    from pipeline.store.shards import read_anat_rows
+    from pipeline.store.read import read_anat_rows
 
     return error_of(read_anat_rows, built.offending.parents[1], 0, np.array([0, 1]))
 
 
 def _build_corrupted_index(ctx: Ctx) -> Built:
-    from pipeline.store.shards import INDEX_NAME, write_shards
+    from pipeline.core.layout import INDEX_NAME
+    from pipeline.store.write import write_shards
 
     shards = ctx.tmp / "shards"
     write_shards(_shard_samples(ctx, ["01"]), shards, _shard_cfg(), read_sample=_read_sample)
@@ -503,7 +507,7 @@ def _build_corrupted_index(ctx: Ctx) -> Built:
 
 
 def _trigger_corrupted_index(ctx: Ctx, built: Built) -> str:
-    from pipeline.store.shards import read_index
+    from pipeline.store.read import read_index
 
     return error_of(read_index, built.extra["shards"])
 
@@ -511,7 +515,9 @@ def _trigger_corrupted_index(ctx: Ctx, built: Built) -> str:
 def _build_disk_full(ctx: Ctx) -> Built:
     from zarr.storage import LocalStore
 
-    from pipeline.store.shards import CATALOG_NAME, INDEX_NAME, shard_path, write_shards
+    from pipeline.core.layout import CATALOG_NAME, INDEX_NAME, shard_path
+
+    from pipeline.store.write import write_shards
 
     shards = ctx.tmp / "shards"
     store = shards / "fmri-Toy"
@@ -527,14 +533,15 @@ def _build_disk_full(ctx: Ctx) -> Built:
 
 
 def _trigger_disk_full(ctx: Ctx, built: Built) -> str:
-    from pipeline.store.shards import write_shards
+    from pipeline.store.write import write_shards
 
     return error_of(write_shards, _shard_samples(ctx, ["01", "02", "03"]), built.extra["shards"], _shard_cfg(),
                     read_sample=_read_sample)
 
 
 def _verify_disk_full(ctx: Ctx, built: Built) -> None:
-    from pipeline.store.shards import read_fmri_rows, read_index, write_shards
+    from pipeline.store.read import read_fmri_rows, read_index
+    from pipeline.store.write import write_shards
 
     store = built.extra["store"]
     for path, raw in built.extra["before"].items():
@@ -691,7 +698,7 @@ def _build_bad_timeseries_tsv(ctx: Ctx) -> Built:
 
 
 def _trigger_timeseries_tsv(ctx: Ctx, built: Built) -> str:
-    from pipeline.store.shards import read_timeseries_tsv
+    from pipeline.store.collect import read_timeseries_tsv
 
     return error_of(read_timeseries_tsv, built.offending)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
 
 from pipeline.core.derivatives import SPACE, anat_outputs
-from workflows.ops.sink import publish_file, publish_json, software_versions
+from pipeline.core.provenance import SIDECAR_DISTRIBUTIONS, software_versions
+from workflows.ops.sink import publish_file, publish_json
 
 __all__ = ["WriteAnatDerivatives"]
 
@@ -55,7 +56,7 @@ class WriteAnatDerivatives(SimpleInterface):
             "BrainMask": out.mask.name,
             "BiasField": out.biasfield.name,
             "ValidationFixes": fixes,
-            "SoftwareVersions": software_versions(),
+            "SoftwareVersions": software_versions(SIDECAR_DISTRIBUTIONS),
             "Parameters": dict(i.parameters) if i.parameters else {},
         }
         written = 0

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.core.atomic import atomic_copy, atomic_write_text
 
-__all__ = ["publish_file", "publish_json", "software_versions"]
+__all__ = ["publish_file", "publish_json"]
 
 
 def publish_file(src: str | Path, target: str | Path) -> bool:
@@ -41,15 +41,3 @@ def publish_json(payload: Mapping[str, Any], target: str | Path) -> bool:
     atomic_write_text(target, text)
     return True
 
-
-def software_versions() -> dict[str, str]:
-    """Versions of the libraries that shape the numbers in a derivative."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("neurocurate", "antspyx", "nipype", "nibabel", "numpy", "deepbet", "torch", "nilearn"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            continue
-    return out

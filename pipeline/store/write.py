@@ -1,6 +1,6 @@
-"""Curated samples -> Zarr v3 shards + one parquet index.
+"""Writing shard stores: curated samples -> Zarr v3 shards + one parquet index.
 
-Layout under ``SHARDS_DIR`` (default ``OUTPUT_DIR/shards``)::
+Layout under ``SHARDS_DIR`` (default ``OUTPUT_DIR/shards``; paths owned by :mod:`pipeline.core.layout`)::
 
     index.parquet                 one row per curated sample (all stores)
     neurocurate_config.toml       resolved config of the last run
@@ -30,7 +30,7 @@ next run deletes.
 
 The core, :func:`write_shards`, takes a :class:`pandas.DataFrame` of samples and
 a ``read_sample`` callable, so it works without the rest of the pipeline;
-:func:`build_shards` feeds it from the curation table of an ``OUTPUT_DIR``.
+:mod:`pipeline.store.collect` builds that table from an OUTPUT_DIR.
 """
 
 from __future__ import annotations
@@ -53,58 +53,34 @@ import pandas as pd
 from pipeline.core.atomic import atomic_path, atomic_write_text
 from pipeline.core.config import ShardsConfig
 from pipeline.core.errors import InputError, NeurocurateError
+from pipeline.core.layout import (
+    CATALOG_NAME,
+    INDEX_NAME,
+    NORM_NAME,
+    shard_path,
+    store_gradients,
+    store_shards_dir,
+)
+from pipeline.store.collect import default_read_sample
+from pipeline.store.read import (
+    _INDEX_META_KEY,
+    _LOCATION_COLUMNS,
+    SPLITS,
+    _read_catalog,
+    read_store_meta,
+)
 
-__all__ = [
-    "ANAT_STORE",
-    "CATALOG_NAME",
-    "FMRI_MODALITIES",
-    "ANAT_MODALITIES",
-    "INDEX_NAME",
-    "NORM_NAME",
-    "assign_splits",
-    "build_shards",
-    "center_crop_pad",
-    "collect_samples",
-    "default_read_sample",
-    "file_fingerprint",
-    "read_anat_files",
-    "read_timeseries_tsv",
-    "read_index",
-    "read_store_meta",
-    "read_anat_rows",
-    "read_fmri_rows",
-    "shard_path",
-    "write_shards",
-]
+__all__ = ["ReadSample", "assign_splits", "center_crop_pad", "write_shards"]
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "index.parquet"
-CATALOG_NAME = "catalog.parquet"
-NORM_NAME = "norm.json"
-ANAT_STORE = "anat"
-FMRI_MODALITIES = ("bold", "timeseries")
-ANAT_MODALITIES = ("T1w", "T2w", "FLAIR")
-SPLITS = ("train", "val", "test")
-# Columns of the curation table that are bookkeeping, not QC metrics.
-_CURATION_ID_COLUMNS = {
-    "subject", "session", "task", "acq", "run", "modality", "site", "path",
-    "qc_pass", "failed_rules", "override", "override_comment", "include",
-}
-_LOCATION_COLUMNS = ["sample_id", "store", "shard", "position", "offset", "length", "fingerprint"]
-_INDEX_META_KEY = b"neurocurate"
 
 ReadSample = Callable[[Mapping[str, Any]], dict[str, Any]]
-
-
-# --------------------------------------------------------------------------- small helpers
-
 
 def _unit_hash(*parts: object) -> float:
     """Deterministic number in [0, 1) from ``parts`` (stable across processes)."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
-
 
 def assign_splits(subjects: pd.Series, fractions: tuple[float, float, float], seed: int) -> pd.Series:
     """Assign train/val/test per subject from a seeded hash of the subject label.
@@ -137,7 +113,6 @@ def assign_splits(subjects: pd.Series, fractions: tuple[float, float, float], se
         cache[s] = SPLITS[min(int(np.searchsorted(edges, u, side="right")), 2)]
     return subjects.map(cache)
 
-
 def center_crop_pad(volume: np.ndarray, box: tuple[int, int, int]) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Crop or zero-pad a 3-D volume symmetrically to ``box``.
 
@@ -163,12 +138,6 @@ def center_crop_pad(volume: np.ndarray, box: tuple[int, int, int]) -> tuple[np.n
     out[tuple(dst)] = volume[tuple(src)]
     return out, (shift[0], shift[1], shift[2])
 
-
-def shard_path(store_dir: str | Path, shard: int) -> Path:
-    """Directory of shard number ``shard`` inside a store."""
-    return Path(store_dir) / "shards" / f"shard-{int(shard):06d}"
-
-
 def _compressors(cfg: ShardsConfig, kind: str) -> Any:
     import zarr
 
@@ -176,20 +145,10 @@ def _compressors(cfg: ShardsConfig, kind: str) -> Any:
         return None
     return [zarr.codecs.ZstdCodec(level=cfg.compression_level)]
 
-
 def _write_json_node(directory: Path, attributes: dict[str, Any]) -> None:
     """Write a zarr v3 group node (``zarr.json``) atomically."""
     node = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
     atomic_write_text(directory / "zarr.json", json.dumps(node, indent=2, sort_keys=True) + "\n")
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """SHA-1 of a file's bytes: a changed source is written again."""
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -206,65 +165,6 @@ def _exclusive(shards_dir: Path) -> Iterator[None]:
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
-
-# --------------------------------------------------------------------------- reading sources
-
-
-def read_timeseries_tsv(path: str | Path) -> dict[str, Any]:
-    """Read a ``_timeseries.tsv`` (header = ROI names) into ``{"x_TR", "roi_names"}``."""
-    path = Path(path)
-    try:
-        table = pd.read_csv(path, sep="\t")
-    except FileNotFoundError:
-        raise InputError(path, "ROI time-series file listed in the curation table does not exist") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"not a readable TSV ({exc})") from None
-    if table.shape[0] == 0 or table.shape[1] == 0:
-        raise InputError(path, "ROI time series is empty")
-    try:
-        x_TR = table.to_numpy(dtype=np.float32)
-    except (TypeError, ValueError):
-        raise InputError(path, "ROI time series has non-numeric values") from None
-    if not np.isfinite(x_TR).all():
-        raise InputError(path, "ROI time series has NaN or infinite values")
-    return {"x_TR": x_TR, "roi_names": [str(c) for c in table.columns]}
-
-
-def read_anat_files(preproc: str | Path, mask: str | Path) -> dict[str, Any]:
-    """Read an MNI anatomical image and its brain mask as ``{"volume", "mask", "affine"}``."""
-    import nibabel as nib
-
-    out: dict[str, Any] = {}
-    for key, path in (("volume", Path(preproc)), ("mask", Path(mask))):
-        try:
-            img = nib.load(str(path))
-        except FileNotFoundError:
-            raise InputError(path, "anatomical derivative listed in the curation table does not exist") from None
-        except Exception as exc:  # nibabel raises several unrelated types for corrupt files
-            raise InputError(path, f"not a readable NIfTI image ({exc})") from None
-        data = np.asarray(img.dataobj)
-        if data.ndim == 4 and data.shape[3] == 1:
-            data = data[..., 0]
-        if data.ndim != 3:
-            raise InputError(path, f"expected a 3-D image, got shape {data.shape}")
-        out[key] = data
-        if key == "volume":
-            out["affine"] = img.affine
-    if out["volume"].shape != out["mask"].shape:
-        raise InputError(mask, f"mask shape {out['mask'].shape} differs from image shape {out['volume'].shape}")
-    return out
-
-
-def default_read_sample(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Read one sample from the files named in its row (``path``, ``mask_path``)."""
-    if row["kind"] == "fmri":
-        return read_timeseries_tsv(row["path"])
-    return read_anat_files(row["path"], row["mask_path"])
-
-
-# --------------------------------------------------------------------------- writing one shard
-
-
 @dataclass(frozen=True)
 class _ShardJob:
     """Everything one writer needs to produce one shard (picklable for dask processes)."""
@@ -276,7 +176,6 @@ class _ShardJob:
     cfg: ShardsConfig
     roi_names: tuple[str, ...] | None
 
-
 def _check_roi_names(job: _ShardJob, row: Mapping[str, Any], names: list[str], n_cols: int) -> None:
     if n_cols != len(names):
         raise InputError(row.get("path", row["sample_id"]), f"{n_cols} columns but {len(names)} ROI names")
@@ -285,7 +184,6 @@ def _check_roi_names(job: _ShardJob, row: Mapping[str, Any], names: list[str], n
             row.get("path", row["sample_id"]),
             f"ROI names differ from the store {Path(job.store_dir).name} (atlas order must be identical)",
         )
-
 
 def _fmri_arrays(job: _ShardJob, read_sample: ReadSample) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     dtype = np.dtype(job.cfg.fmri_dtype)
@@ -315,7 +213,6 @@ def _fmri_arrays(job: _ShardJob, read_sample: ReadSample) -> tuple[dict[str, np.
     }
     return arrays, locations
 
-
 def _anat_arrays(job: _ShardJob, read_sample: ReadSample) -> tuple[dict[str, np.ndarray], list[dict[str, Any]], list]:
     box = tuple(job.cfg.crop_box)
     n = len(job.rows)
@@ -335,7 +232,6 @@ def _anat_arrays(job: _ShardJob, read_sample: ReadSample) -> tuple[dict[str, np.
         geometry.append({"source_shape": list(np.shape(sample["volume"])), "affine": box_affine.tolist()})
         locations.append({"position": pos, "offset": 0, "length": 1})
     return {"x": x, "mask": mask}, locations, geometry
-
 
 def _write_shard(job: _ShardJob, read_sample: ReadSample) -> list[dict[str, Any]]:
     """Write one shard whole into a temporary directory and rename it into place.
@@ -387,30 +283,9 @@ def _write_shard(job: _ShardJob, read_sample: ReadSample) -> list[dict[str, Any]
         loc.update(sample_id=row["sample_id"], shard=job.shard, fingerprint=row.get("fingerprint", ""))
     return locations
 
-
-# --------------------------------------------------------------------------- stores
-
-
-def read_store_meta(store_dir: str | Path) -> dict[str, Any]:
-    """Attributes of a store (kind, atlas, roi_names, gradient_columns, ...)."""
-    node = Path(store_dir) / "zarr.json"
-    try:
-        return json.loads(node.read_text())["attributes"]
-    except FileNotFoundError:
-        raise InputError(node, "not a neurocurate shard store (zarr.json missing)") from None
-
-
-def _read_catalog(store_dir: Path) -> pd.DataFrame:
-    path = store_dir / CATALOG_NAME
-    if not path.exists():
-        return pd.DataFrame({c: pd.Series(dtype="int64" if c in ("shard", "position", "offset", "length") else "object")
-                             for c in _LOCATION_COLUMNS})
-    return pd.read_parquet(path)
-
-
 def _remove_unpublished(store_dir: Path, catalog: pd.DataFrame) -> None:
     """Delete temporary and never-published shard directories left by a crash."""
-    shards = store_dir / "shards"
+    shards = store_shards_dir(store_dir)
     if not shards.is_dir():
         return
     published = {shard_path(store_dir, s).name for s in pd.unique(catalog["shard"])}
@@ -421,7 +296,6 @@ def _remove_unpublished(store_dir: Path, catalog: pd.DataFrame) -> None:
             log.info("removing unpublished shard %s left by an interrupted run", entry)
             shutil.rmtree(entry, ignore_errors=True)
 
-
 def _run_jobs(jobs: list[_ShardJob], read_sample: ReadSample, cfg: ShardsConfig) -> list[list[dict[str, Any]]]:
     if cfg.workers <= 1 or len(jobs) <= 1 or cfg.scheduler == "synchronous":
         return [_write_shard(job, read_sample) for job in jobs]
@@ -429,7 +303,6 @@ def _run_jobs(jobs: list[_ShardJob], read_sample: ReadSample, cfg: ShardsConfig)
 
     tasks = [dask.delayed(_write_shard)(job, read_sample) for job in jobs]
     return list(dask.compute(*tasks, scheduler=cfg.scheduler, num_workers=cfg.workers))
-
 
 def _store_attributes(samples: pd.DataFrame, kind: str, cfg: ShardsConfig, roi_names: list[str] | None,
                       gradient_columns: list[str] | None) -> dict[str, Any]:
@@ -441,7 +314,6 @@ def _store_attributes(samples: pd.DataFrame, kind: str, cfg: ShardsConfig, roi_n
         attrs.update(crop_box=list(cfg.crop_box), anat_dtype=cfg.anat_dtype, layout="x[sample, d, h, w] + mask")
     return attrs
 
-
 def _probe_roi_names(samples: pd.DataFrame, read_sample: ReadSample) -> list[str]:
     row = samples.iloc[0].to_dict()
     sample = read_sample(row)
@@ -449,7 +321,6 @@ def _probe_roi_names(samples: pd.DataFrame, read_sample: ReadSample) -> list[str
     if not names:
         names = [f"roi{i + 1:03d}" for i in range(np.asarray(sample["x_TR"]).shape[1])]
     return [str(n) for n in names]
-
 
 def _write_store(samples: pd.DataFrame, store_dir: Path, cfg: ShardsConfig, read_sample: ReadSample,
                  gradients: pd.DataFrame | None) -> pd.DataFrame:
@@ -476,7 +347,7 @@ def _write_store(samples: pd.DataFrame, store_dir: Path, cfg: ShardsConfig, read
     if len(todo):
         store_dir.mkdir(parents=True, exist_ok=True)
         _write_json_node(store_dir, _store_attributes(samples, kind, cfg, roi_names, grad_cols))
-        _write_json_node(store_dir / "shards", {})
+        _write_json_node(store_shards_dir(store_dir), {})
         per = cfg.samples_per_shard if kind == "fmri" else cfg.anat_samples_per_shard
         if per < 1:
             raise ValueError(f"samples per shard must be >= 1, got {per}")
@@ -504,12 +375,11 @@ def _write_store(samples: pd.DataFrame, store_dir: Path, cfg: ShardsConfig, read
     loc = latest.loc[samples["sample_id"], ["store", "shard", "position", "offset", "length"]]
     return loc.reset_index()
 
-
 def _write_gradients(store_dir: Path, gradients: pd.DataFrame, cfg: ShardsConfig) -> None:
     import zarr
 
     values = gradients.drop(columns="roi").to_numpy(dtype=np.float32)
-    target = store_dir / "gradients"
+    target = store_gradients(store_dir)
     tmp = store_dir / f".gradients.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     arr = zarr.create_array(str(tmp), shape=values.shape, dtype=values.dtype, chunks=values.shape,
@@ -520,7 +390,6 @@ def _write_gradients(store_dir: Path, gradients: pd.DataFrame, cfg: ShardsConfig
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
-
 
 def _write_norm_stats(store_dir: Path, index: pd.DataFrame) -> None:
     """Per-ROI median and IQR over sampled frames of the training split."""
@@ -548,10 +417,6 @@ def _write_norm_stats(store_dir: Path, index: pd.DataFrame) -> None:
     }
     atomic_write_text(store_dir / NORM_NAME, json.dumps(stats) + "\n")
 
-
-# --------------------------------------------------------------------------- the core
-
-
 def _prepare(samples: pd.DataFrame, cfg: ShardsConfig) -> pd.DataFrame:
     required = {"sample_id", "subject", "store", "kind"}
     missing = required - set(samples.columns)
@@ -573,7 +438,6 @@ def _prepare(samples: pd.DataFrame, cfg: ShardsConfig) -> pd.DataFrame:
     if "split" not in samples:
         samples["split"] = assign_splits(samples["subject"], cfg.split_fractions, cfg.split_seed)
     return samples
-
 
 def write_shards(samples: pd.DataFrame, shards_dir: str | Path, cfg: ShardsConfig = ShardsConfig(), *,
                  read_sample: ReadSample = default_read_sample,
@@ -629,7 +493,6 @@ def write_shards(samples: pd.DataFrame, shards_dir: str | Path, cfg: ShardsConfi
         _write_index(shards_dir, index, label_columns or [], qc_columns or [])
     return index
 
-
 def _write_index(shards_dir: Path, index: pd.DataFrame, label_columns: list[str], qc_columns: list[str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -642,303 +505,3 @@ def _write_index(shards_dir: Path, index: pd.DataFrame, label_columns: list[str]
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), _INDEX_META_KEY: json.dumps(meta).encode()})
     with atomic_path(shards_dir / INDEX_NAME) as tmp:
         pq.write_table(table, tmp)
-
-
-def read_index(shards_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Read ``index.parquet`` and its metadata (label_columns, qc_columns, stores)."""
-    import pyarrow.parquet as pq
-
-    path = Path(shards_dir) / INDEX_NAME
-    if not path.exists():
-        raise InputError(path, "no shard index here; run 'neurocurate shards OUTPUT_DIR' first")
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for damaged files
-        raise InputError(path, f"not a readable shard index ({type(exc).__name__}); rerun 'neurocurate shards'") from None
-    meta = json.loads((table.schema.metadata or {}).get(_INDEX_META_KEY, b"{}"))
-    return table.to_pandas(), meta
-
-
-# --------------------------------------------------------------------------- reading shards back
-
-
-_NO_CHUNK = 2**64 - 1
-
-
-def _plain_layout(array_dir: Path) -> dict[str, Any] | None:
-    """Layout of a one-shard, uncompressed 2-D array, or None when zarr has to decode it.
-
-    Such shards (the fMRI default) are read straight from the shard file
-    through its sharding index, which the zarr v3 spec fixes: ``n_chunks`` x
-    (offset, nbytes) little-endian uint64 followed by a CRC32C, at the end
-    (or start) of the file. That skips two copies and the async machinery and
-    brings reads to raw-file speed. The index checksum is not verified on
-    this path (zarr does verify it on the compressed path).
-    """
-    meta = json.loads((array_dir / "zarr.json").read_text())
-    codecs = meta.get("codecs", [])
-    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
-        return None
-    conf = codecs[0]["configuration"]
-    inner = conf.get("codecs", [])
-    if len(inner) != 1 or inner[0]["name"] != "bytes" or inner[0].get("configuration", {}).get("endian", "little") != "little":
-        return None
-    if [c["name"] for c in conf.get("index_codecs", [])] != ["bytes", "crc32c"]:
-        return None
-    shape = meta["shape"]
-    shard_shape = meta["chunk_grid"]["configuration"]["chunk_shape"]
-    chunk = conf["chunk_shape"]
-    if len(shape) != 2 or shape[0] > shard_shape[0] or chunk[1] != shape[1] or shard_shape[1] != shape[1]:
-        return None
-    fill = meta.get("fill_value", 0)
-    return {
-        "n_cols": shape[1], "dtype": np.dtype(meta["data_type"]).newbyteorder("<"), "chunk_rows": chunk[0],
-        "n_chunks": shard_shape[0] // chunk[0], "at_end": conf.get("index_location", "end") == "end",
-        "fill": float(fill) if isinstance(fill, (int, float)) else np.nan,
-    }
-
-
-def _read_plain(array_dir: Path, layout: dict[str, Any], ranges: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Row ranges ``[(lo, hi), ...]`` of a plain one-shard array as float32, read with the sharding index.
-
-    Each range is read straight into its own array: no shard-sized block is
-    ever held, so memory stays at the size of what is asked for.
-    """
-    outs = [np.empty((hi - lo, layout["n_cols"]), dtype=np.float32) for lo, hi in ranges]
-    path = array_dir / "c" / "0" / "0"
-    if not path.exists():  # zarr leaves out a shard that is entirely fill value
-        for out in outs:
-            out[:] = layout["fill"]
-        return outs
-    n, rows = layout["n_chunks"], layout["chunk_rows"]
-    row_bytes = layout["n_cols"] * layout["dtype"].itemsize
-    size = path.stat().st_size
-    if size < n * 16 + 4:
-        raise InputError(path, f"corrupted shard: {size} bytes, smaller than its own chunk index")
-    with open(path, "rb") as fh:
-        if layout["at_end"]:
-            fh.seek(-(n * 16 + 4), os.SEEK_END)
-        index = np.frombuffer(fh.read(n * 16 + 4)[:-4], dtype="<u8").reshape(n, 2)
-        stored = index[:, 0] != _NO_CHUNK
-        # A truncated or overwritten file shows up as chunks that point past its end (or have the wrong size).
-        if np.any(index[stored, 0] + index[stored, 1] > size) or np.any(index[stored, 1] != rows * row_bytes):
-            raise InputError(path, "corrupted shard: its chunk index points outside the file (truncated?)")
-        for (lo, hi), out in zip(ranges, outs):
-            for c in range(lo // rows, (hi - 1) // rows + 1):
-                r0, r1 = max(lo, c * rows), min(hi, (c + 1) * rows)
-                offset = int(index[c, 0])
-                if offset == _NO_CHUNK:  # an all-fill chunk is not stored
-                    out[r0 - lo:r1 - lo] = layout["fill"]
-                    continue
-                fh.seek(offset + (r0 - c * rows) * row_bytes)
-                if layout["dtype"] == np.float32:
-                    fh.readinto(memoryview(out[r0 - lo:r1 - lo]).cast("B"))
-                else:
-                    raw = fh.read((r1 - r0) * row_bytes)
-                    out[r0 - lo:r1 - lo] = np.frombuffer(raw, dtype=layout["dtype"]).reshape(r1 - r0, -1)
-    return outs
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
-
-
-def read_fmri_rows(store_dir: str | Path, shard: int, offsets: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
-    """Read several runs of one fMRI shard.
-
-    Returns one float32 ``[T, R]`` array per requested run, in request order;
-    each owns its memory, so holding one run does not keep a whole read alive.
-    Uncompressed shards are read run by run from the shard file; others with
-    one zarr range read.
-    """
-    import zarr
-
-    array_dir = shard_path(store_dir, shard) / "data"
-    offsets = np.asarray(offsets, dtype=np.int64)
-    lengths = np.asarray(lengths, dtype=np.int64)
-    try:
-        layout = _plain_layout(array_dir)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(array_dir / "zarr.json", f"corrupted shard metadata ({type(exc).__name__}: {_one_line(exc)})") from None
-    if layout is not None:
-        return _read_plain(array_dir, layout, [(o, o + n) for o, n in zip(offsets.tolist(), lengths.tolist())])
-    lo = int(np.min(offsets))
-    hi = int(np.max(offsets + lengths))
-    try:
-        block = np.asarray(zarr.open_array(str(array_dir), mode="r")[lo:hi], dtype=np.float32)
-    except Exception as exc:  # zarr and the codecs raise many types for damaged chunks
-        raise InputError(array_dir, f"corrupted shard ({type(exc).__name__}: {_one_line(exc)})") from None
-    return [block[o - lo:o - lo + n].copy() for o, n in zip(offsets.tolist(), lengths.tolist())]
-
-
-def read_anat_rows(store_dir: str | Path, shard: int, positions: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Read ``(volume [D, H, W] float32, mask [D, H, W] uint8)`` for positions of one anat shard."""
-    import zarr
-
-    lo, hi = int(np.min(positions)), int(np.max(positions)) + 1
-    try:
-        node = zarr.open_group(str(shard_path(store_dir, shard)), mode="r")
-        x = np.asarray(node["x"][lo:hi], dtype=np.float32)
-        m = np.asarray(node["mask"][lo:hi])
-    except Exception as exc:  # zarr and the codecs raise many types for damaged chunks
-        raise InputError(shard_path(store_dir, shard), f"corrupted shard ({type(exc).__name__}: {_one_line(exc)})") from None
-    return [(x[p - lo].copy(), m[p - lo].copy()) for p in positions.tolist()]
-
-
-# --------------------------------------------------------------------------- from an OUTPUT_DIR
-
-
-def _atlas_of(path: str) -> str:
-    from pipeline.core.derivatives import parse_name
-
-    entities, suffix, _ = parse_name(path)
-    if suffix != "timeseries" or "atlas" not in entities:
-        raise InputError(path, "fMRI rows of the curation table must point at an _atlas-<name>_timeseries.tsv")
-    return entities["atlas"]
-
-
-def _clean(value: Any) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return ""
-    return str(value)
-
-
-def collect_samples(output_dir: str | Path, cfg: ShardsConfig = ShardsConfig()) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """Turn ``OUTPUT_DIR/curation/curation.parquet`` + participants.tsv into a samples table.
-
-    Returns
-    -------
-    samples : pandas.DataFrame
-        Included rows only, with ``sample_id``, ``store``, ``kind``, ``atlas``,
-        absolute ``path`` / ``mask_path``, ``fingerprint``, labels and QC metrics.
-    label_columns, qc_columns : list of str
-    """
-    from pipeline.core.derivatives import anat_outputs
-
-    output_dir = Path(output_dir)
-    cur_path = output_dir / "curation" / "curation.parquet"
-    if not cur_path.exists():
-        raise InputError(cur_path, "no curation table; run the QC group step first (it writes curation/curation.parquet)")
-    try:
-        cur = pd.read_parquet(cur_path)
-    except Exception as exc:  # pyarrow raises several types for damaged files
-        raise InputError(cur_path, f"not a readable parquet file ({exc})") from None
-    missing = {"subject", "modality", "path", "include"} - set(cur.columns)
-    if missing:
-        raise InputError(cur_path, f"missing column(s) {sorted(missing)}")
-    bad = set(cur["modality"]) - set(FMRI_MODALITIES) - set(ANAT_MODALITIES)
-    if bad:
-        raise InputError(cur_path, f"unknown modality value(s) {sorted(bad)}")
-    qc_columns = [c for c in cur.columns if c not in _CURATION_ID_COLUMNS] + [c for c in ("qc_pass", "override") if c in cur]
-    cur = cur[cur["include"].fillna(False).astype(bool)].copy()
-    for col in ("session", "task", "acq", "run", "site"):
-        cur[col] = cur[col].map(_clean) if col in cur else ""
-    cur["subject"] = cur["subject"].astype(str).str.removeprefix("sub-")
-
-    labels, label_columns = _participants(output_dir)
-    rows = []
-    for rec in cur.to_dict("records"):
-        rel = str(rec["path"])
-        rec["source_path"] = rel
-        rec["path"] = str(output_dir / rel)
-        ents = {"sub": rec["subject"], "ses": rec["session"], "task": rec["task"], "acq": rec["acq"], "run": rec["run"]}
-        if rec["modality"] in FMRI_MODALITIES:
-            rec["kind"], rec["atlas"] = "fmri", _atlas_of(rel)
-            if cfg.atlas and rec["atlas"] != cfg.atlas:
-                continue
-            rec["store"] = f"fmri-{rec['atlas']}"
-            rec["mask_path"] = ""
-            rec["sample_id"] = Path(rel).name.removesuffix("_timeseries.tsv")
-        else:
-            rec["kind"], rec["atlas"], rec["store"] = "anat", "", ANAT_STORE
-            outs = anat_outputs(output_dir, ents, rec["modality"])
-            rec["mask_path"] = str(outs.mask)
-            rec["sample_id"] = Path(rel).name.removesuffix(".nii.gz")
-        if not Path(rec["path"]).exists():
-            raise InputError(rec["path"], "listed in the curation table but does not exist")
-        rec["fingerprint"] = file_fingerprint(rec["path"])
-        if rec["kind"] == "anat" and Path(rec["mask_path"]).exists():
-            rec["fingerprint"] += ":" + file_fingerprint(rec["mask_path"])
-        rows.append(rec)
-    samples = pd.DataFrame(rows)
-    if samples.empty:
-        return samples, label_columns, qc_columns
-    if labels is not None:
-        overlap = [c for c in label_columns if c in samples.columns]
-        samples = samples.merge(labels.rename(columns={c: f"{c}__p" for c in overlap}), on="subject", how="left")
-        for c in overlap:
-            # The curation table wins (it is per scan); participants.tsv fills its gaps.
-            filled = samples[c].replace("", np.nan).fillna(samples[f"{c}__p"])
-            samples[c] = filled
-            samples = samples.drop(columns=f"{c}__p")
-    return samples, label_columns, qc_columns
-
-
-def _participants(output_dir: Path) -> tuple[pd.DataFrame | None, list[str]]:
-    path = output_dir / "participants.tsv"
-    if not path.exists():
-        log.warning("%s not found: the index will have no labels", path)
-        return None, []
-    try:
-        table = pd.read_csv(path, sep="\t", na_values=["n/a", "N/A", ""], dtype={"participant_id": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"not a readable TSV ({exc})") from None
-    if "participant_id" not in table:
-        raise InputError(path, "has no participant_id column")
-    if table["participant_id"].duplicated().any():
-        raise InputError(path, f"participant {table.loc[table['participant_id'].duplicated(), 'participant_id'].iloc[0]} listed twice")
-    table["subject"] = table["participant_id"].astype(str).str.removeprefix("sub-")
-    label_columns = [c for c in table.columns if c not in ("participant_id", "subject")]
-    return table.drop(columns="participant_id"), label_columns
-
-
-def _read_gradients(output_dir: Path, atlas: str) -> pd.DataFrame | None:
-    path = output_dir / "gradients" / f"atlas-{atlas}_gradients.tsv"
-    if not path.exists():
-        return None
-    try:
-        table = pd.read_csv(path, sep="\t")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"not a readable TSV ({exc})") from None
-    if "roi" not in table or table.shape[1] < 2:
-        raise InputError(path, "needs a 'roi' column followed by g1..gk")
-    table.attrs["path"] = str(path)
-    return table
-
-
-def build_shards(output_dir: str | Path, shards_dir: str | Path | None = None,
-                 cfg: ShardsConfig = ShardsConfig()) -> pd.DataFrame:
-    """Shard the curated data of ``OUTPUT_DIR`` (``neurocurate shards``).
-
-    Parameters
-    ----------
-    output_dir : path-like
-        Derivatives folder with ``curation/curation.parquet`` and
-        ``participants.tsv``.
-    shards_dir : path-like, optional
-        Defaults to ``cfg.shards_dir`` or ``OUTPUT_DIR/shards``.
-    cfg : ShardsConfig
-
-    Returns
-    -------
-    pandas.DataFrame
-        The index written to ``SHARDS_DIR/index.parquet``.
-
-    Notes
-    -----
-    The index always describes the current curation table: excluded samples
-    leave the index (their shard files stay as they are), and with
-    ``cfg.atlas`` set only that atlas's store is indexed.
-    """
-    output_dir = Path(output_dir)
-    shards_dir = Path(shards_dir or cfg.shards_dir or output_dir / "shards")
-    samples, label_columns, qc_columns = collect_samples(output_dir, cfg)
-    if samples.empty:
-        raise NeurocurateError(f"{output_dir / 'curation' / 'curation.parquet'}: no included samples to shard")
-    gradients = {}
-    for atlas in sorted(set(samples.loc[samples["kind"] == "fmri", "atlas"])):
-        table = _read_gradients(output_dir, atlas)
-        if table is not None:
-            gradients[f"fmri-{atlas}"] = table
-    return write_shards(samples, shards_dir, cfg, gradients=gradients,
-                        label_columns=label_columns, qc_columns=qc_columns)
