@@ -114,13 +114,10 @@ def sccs(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 
-def main(argv: list[str]) -> int:
-    root = Path(argv[1] if len(argv) > 1 else Path(__file__).resolve().parents[1]).resolve()
-    mods = collect(root)
-    graph = {m: imports_of(m, p, mods) for m, p in mods.items()}
-    # layers: top package, or pipeline.<subpackage> for subpackages, "pipeline (top files)" for plain modules
+def layers_of(root: Path, mods: dict[str, Path]) -> dict[str, list[str]]:
+    """Top-level groups a reader sees in the tree: ``pipeline/<subpackage>/``, ``pipeline/*.py``, ``workflows/``, ``qc/``."""
     layers: dict[str, list[str]] = defaultdict(list)
-    for m, p in mods.items():
+    for m in mods:
         parts = m.split(".")
         if parts[0] == "pipeline" and len(parts) >= 2 and (root / "pipeline" / parts[1]).is_dir():
             layers[f"pipeline/{parts[1]}/"].append(m)
@@ -130,27 +127,36 @@ def main(argv: list[str]) -> int:
             layers["pipeline/*.py"].append(m)
         else:
             layers[f"{parts[0]}/"].append(m)
+    return dict(layers)
+
+
+def analyse(root: Path) -> dict:
+    """Modules, file-level and layer-level import cycles of the tree at ``root``."""
+    mods = collect(root)
+    graph = {m: imports_of(m, p, mods) for m, p in mods.items()}
+    layers = layers_of(root, mods)
+    layer_of = {m: k for k, v in layers.items() for m in v}
+    lgraph: dict[str, set[str]] = {k: set() for k in layers}
+    for m, deps in graph.items():
+        lgraph[layer_of[m]].update(layer_of[d] for d in deps if layer_of[d] != layer_of[m])
+    return {"modules": mods, "graph": graph, "layers": layers, "file_cycles": sccs(graph),
+            "layer_cycles": sccs(lgraph)}
+
+
+def main(argv: list[str]) -> int:
+    root = Path(argv[1] if len(argv) > 1 else Path(__file__).resolve().parents[1]).resolve()
+    info = analyse(root)
+    mods, layers = info["modules"], info["layers"]
     print(f"root: {root}")
     print("files per layer:")
     for k in sorted(layers):
         print(f"  {k:24s} {len(layers[k]):3d}")
     print(f"  {'total':24s} {len(mods):3d}")
-    file_cycles = sccs(graph)
-    print(f"file-level import cycles: {len(file_cycles)}")
-    for c in file_cycles:
+    print(f"file-level import cycles: {len(info['file_cycles'])}")
+    for c in info["file_cycles"]:
         print("   ", " <-> ".join(c))
-    # layer graph
-    def lay(m: str) -> str:
-        return next(k for k, v in layers.items() if m in v)
-    lgraph: dict[str, set[str]] = defaultdict(set)
-    for m, deps in graph.items():
-        lgraph[lay(m)]
-        for d in deps:
-            if lay(d) != lay(m):
-                lgraph[lay(m)].add(lay(d))
-    layer_cycles = sccs(dict(lgraph))
-    print(f"layer-level import cycles: {len(layer_cycles)}")
-    for c in layer_cycles:
+    print(f"layer-level import cycles: {len(info['layer_cycles'])}")
+    for c in info["layer_cycles"]:
         print("   ", " <-> ".join(c))
     # longest functions
     funcs = []

@@ -15,12 +15,14 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 from pipeline import __version__
 from pipeline.core.config import ConfigError
 from pipeline.core.console import attach_console
-from pipeline.core.errors import EXIT_ERROR, EXIT_INTERRUPTED, NeurocurateError
+from pipeline.core.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, NeurocurateError
 
 # (sub-command name, module); order is the order shown in --help.
 COMMANDS: list[tuple[str, str]] = [
@@ -60,14 +62,37 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     attach_console()
+    previous = _stop_on_sigterm()
     try:
         return int(args._module.run(args) or 0)
     except (NeurocurateError, ConfigError) as exc:
         print(f"neurocurate {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except Terminated:
+        print(f"neurocurate {args.command}: stopped by SIGTERM; nothing half-written is left, "
+              "run the same command again to continue", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
-        print("neurocurate: interrupted", file=sys.stderr)
+        print(f"neurocurate {args.command}: interrupted; run the same command again to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so every ``finally`` and atomic write cleans up before exit."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise Terminated
+
+
+def _stop_on_sigterm():
+    """Turn SIGTERM (a scheduler's stop, ``kill``) into :class:`Terminated`; returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -298,7 +298,7 @@ def execute_pretrain(ctx: Context, decision: Decision) -> int:
     from pipeline.stages.pretrain import run_pretrain
 
     run_pretrain(ctx.shards_dir, ctx.pretrain_dir, config=ctx.cfg.run.pretrain_config, split="train",
-                 max_steps=ctx.cfg.run.pretrain_max_steps or None, fresh=True, progress=False)
+                 max_steps=ctx.cfg.run.pretrain_max_steps or None, fresh=True, progress=True)
     return EXIT_OK
 
 

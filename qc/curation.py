@@ -1,11 +1,25 @@
-"""Curation: fixed per-modality rules, robust-outlier suggestions, reviewer overrides.
+"""Curation in four layers: absolute rules, reference rules, dataset outliers, classifier; reviewer overrides.
 
-A scan fails when ANY rule of its modality fails (Neuro-JEPA). Rules come
-from the threshold sections of :class:`pipeline.core.config.QCConfig`: a field
-``min_<metric>`` requires ``metric >= value`` and ``max_<metric>`` requires
-``metric <= value``, so adding a threshold field adds a rule. The final
-``include`` column is the reviewer's override when one is set, else
-``qc_pass``.
+A scan fails (``qc_pass`` False) when any layer rejects it; ``qc_layer``
+names the layers that did, ``failed_rules`` lists the machine-readable
+failures and ``qc_reason`` says why in words.
+
+1. **absolute** - physically unambiguous limits, the ``min_<metric>`` /
+   ``max_<metric>`` fields of each modality's section of
+   :class:`pipeline.core.config.QCConfig` (template-brain coverage, the
+   contrast signature of the modality; BOLD and ROI-series limits).
+2. **reference** - each anatomical metric against its distribution on real
+   clean scans of the same modality (:mod:`qc.reference`): robust z beyond
+   ``reference_z_limit`` in the direction of degradation.
+3. **dataset** - robust z within the scan's (modality, site) group of the
+   dataset being curated; a suggestion (``outlier_metrics``) from
+   ``outlier_min_group`` scans, a rule from ``outlier_rule_min_group`` scans
+   of a known site.
+4. **classifier** - P(severe artifact) from :mod:`qc.classifier` at or above
+   ``classifier_threshold`` (``p_artifact`` column).
+
+The final ``include`` column is the reviewer's override when one is set,
+else ``qc_pass``.
 """
 
 from __future__ import annotations
@@ -21,23 +35,62 @@ import pandas as pd
 
 from pipeline.core.atomic import atomic_path, atomic_write_text
 from pipeline.core.config import QCConfig
+from pipeline.core.layout import (
+    CURATION_DECISION_COLUMNS,
+    CURATION_ENTITY_COLUMNS,
+    OutputLayout,
+)
+from qc.reference import ANAT_MODALITIES, DIRECTION, bad_z, direction, load_reference
 
 __all__ = [
     "ENTITY_COLUMNS",
+    "LAYERS",
     "TRAILING_COLUMNS",
     "apply_overrides",
     "build_table",
     "evaluate_rules",
     "mad_outliers",
     "read_table",
+    "reference_failures",
     "rules_for",
+    "site_outliers",
     "table_paths",
     "write_table",
 ]
 
-ENTITY_COLUMNS = ("subject", "session", "task", "acq", "run", "modality", "site", "path")
-TRAILING_COLUMNS = ("qc_pass", "failed_rules", "outlier_metrics", "override", "override_comment", "include")
+ENTITY_COLUMNS = CURATION_ENTITY_COLUMNS
+TRAILING_COLUMNS = CURATION_DECISION_COLUMNS
+LAYERS = ("absolute", "reference", "dataset", "classifier")
 _SECTION = {"T1w": "t1w", "T2w": "t2w", "FLAIR": "flair", "bold": "bold", "timeseries": "timeseries"}
+
+#: Reviewer-facing names of the metrics.
+METRIC_WORDS = {
+    "brain_coverage": "share of the template brain with signal",
+    "wm_gm_ratio": "white-to-grey-matter intensity ratio",
+    "csf_gm_ratio": "CSF-to-grey-matter intensity ratio",
+    "correlation": "intensity correlation with the template",
+    "edge_correlation": "edge alignment with the template",
+    "nmi": "normalised mutual information with the template",
+    "mi": "mutual information with the template",
+    "psnr": "PSNR against the template",
+    "snr": "white-matter SNR",
+    "cnr": "grey/white contrast-to-noise ratio",
+    "cjv": "grey/white intensity overlap (CJV)",
+    "efc": "ghosting/blurring (EFC)",
+    "fber": "signal in the head vs. in the air (FBER)",
+    "wm2max": "white-matter-to-maximum intensity ratio",
+    "inu_range": "bias-field (intensity non-uniformity) range",
+    "tsnr": "temporal SNR",
+    "fd_mean": "mean head motion (FD)",
+    "fd_max": "largest head movement (FD)",
+    "fd_perc": "share of volumes with FD above 0.2 mm",
+    "n_volumes": "number of volumes",
+    "zero_variance_fraction": "share of constant ROI series",
+}
+
+
+def _words(metric: str) -> str:
+    return METRIC_WORDS.get(metric, metric)
 
 
 def rules_for(modality: str, qc: QCConfig) -> list[tuple[str, str, float]]:
@@ -84,41 +137,78 @@ def evaluate_rules(metrics: Mapping[str, float], modality: str, qc: QCConfig) ->
     return not failed, failed
 
 
-def mad_outliers(df: pd.DataFrame, metrics: Iterable[str], k: float, min_group: int) -> pd.Series:
-    """Robust-outlier suggestion: metrics outside median +/- k * MAD within modality and site.
+def _robust(values: pd.Series) -> tuple[float, float]:
+    med = float(values.median())
+    return med, 1.4826 * float((values - med).abs().median())
 
-    MAD is scaled by 1.4826 so ``k`` reads as standard deviations for
-    normal data. Groups smaller than ``min_group`` get no suggestion because
-    a median of three scans is not a population.
+
+def site_outliers(df: pd.DataFrame, metrics: Iterable[str], min_group: int) -> pd.DataFrame:
+    """Robust z of each metric within its (modality, site) group, positive = towards degradation.
+
+    Metrics with a known direction (:data:`qc.reference.DIRECTION`) are
+    one-sided (a scan better than its site is not an outlier); others are
+    two-sided (``|z|``). Groups smaller than ``min_group`` get NaN: a median
+    of three scans is not a population. MAD is scaled by 1.4826 so z reads
+    as standard deviations for normal data; a zero MAD gives NaN.
 
     Returns
     -------
-    pandas.Series of str
-        Per row, the ``;``-joined names of outlying metrics ("" if none).
+    pandas.DataFrame
+        Same index as ``df``, one column per metric present.
     """
-    out = pd.Series([""] * len(df), index=df.index, dtype=str)
+    metrics = [m for m in metrics if m in df.columns]
+    out = pd.DataFrame(np.nan, index=df.index, columns=metrics)
     if df.empty:
         return out
-    flags: dict[Any, list[str]] = {i: [] for i in df.index}
-    for _, group in df.groupby(["modality", "site"], sort=False):
+    for (modality, _), group in df.groupby(["modality", "site"], sort=False):
         if len(group) < min_group:
             continue
         for metric in metrics:
-            if metric not in group.columns:
-                continue
             values = pd.to_numeric(group[metric], errors="coerce").astype(float)
             finite = values[np.isfinite(values)]
             if len(finite) < min_group:
                 continue
-            med = float(finite.median())
-            mad = 1.4826 * float((finite - med).abs().median())
+            med, mad = _robust(finite)
             if mad == 0:
                 continue
-            for idx in finite.index[(finite - med).abs() > k * mad]:
-                flags[idx].append(metric)
-    for idx, names in flags.items():
-        out[idx] = ";".join(names)
+            z = (finite - med) / mad
+            try:
+                d = direction(str(modality), metric)
+            except KeyError:
+                d = 0
+            out.loc[finite.index, metric] = z.abs() if d == 0 else -d * z
     return out
+
+
+def mad_outliers(df: pd.DataFrame, metrics: Iterable[str], k: float, min_group: int) -> pd.Series:
+    """Names of the metrics whose site-relative robust z (:func:`site_outliers`) exceeds ``k``, ``;``-joined per row."""
+    z = site_outliers(df, metrics, min_group)
+    return pd.Series(
+        [";".join(c for c in z.columns if row[c] > k) for _, row in z.iterrows()], index=df.index, dtype=str
+    )
+
+
+def reference_failures(
+    metrics: Mapping[str, float], modality: str, reference: pd.DataFrame, limit: float
+) -> list[tuple[str, float]]:
+    """``(metric, z)`` of the metrics further than ``limit`` robust SDs from the clean reference towards degradation."""
+    return [(m, z) for m, z in bad_z(metrics, modality, reference).items() if z > limit]
+
+
+def _reason_absolute(failure: str) -> str:
+    metric, _, rest = failure.partition("=")
+    op = "<" if "<" in rest else ">"
+    value, _, thr = rest.partition(op)
+    if metric == "brain_coverage":
+        return f"only {100 * float(value):.0f}% of the template brain has signal (at least {100 * float(thr):.0f}% needed): cropped, empty or a slab missing"
+    if metric in ("wm_gm_ratio", "csf_gm_ratio"):
+        return f"{_words(metric)} {float(value):.2f} {'below' if op == '<' else 'above'} {thr}: the contrast is not that of the labelled modality (wrong modality or orientation)"
+    return f"{_words(metric)} {value} {'below the minimum' if op == '<' else 'above the maximum'} {thr}"
+
+
+def _direction_word(modality: str, metric: str) -> str:
+    d = direction(modality, metric) if metric in DIRECTION else 0
+    return {1: "far lower than", -1: "far higher than", 0: "far from"}[d]
 
 
 def apply_overrides(df: pd.DataFrame, ratings: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:
@@ -145,6 +235,72 @@ def apply_overrides(df: pd.DataFrame, ratings: Mapping[str, Mapping[str, str]]) 
     return df
 
 
+def _rule_failures(df: pd.DataFrame, qc: QCConfig, metric_names: list[str], ratings: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:
+    """Evaluate the four layers on every row; returns the decision columns (without overrides)."""
+    reference = load_reference(qc.reference_table or None)
+    site_z = site_outliers(df, metric_names, qc.outlier_min_group)
+    group_size = df.groupby(["modality", "site"])["path"].transform("size")
+    p_artifact = np.full(len(df), np.nan)
+    if qc.classifier and df["modality"].isin(ANAT_MODALITIES).any():
+        from qc import classifier
+
+        rated = classifier.rating_rows(df, ratings)
+        if rated.empty:
+            model = classifier.default_model(qc.classifier_training, qc.reference_table)
+        else:
+            training = classifier.load_training(qc.classifier_training or None)
+            model = classifier.fit(training, reference, rated, qc.rating_weight)
+        p_artifact = classifier.predict(model, df, reference)
+    out = []
+    for i, (idx, row) in enumerate(df.iterrows()):
+        modality = str(row["modality"])
+        metrics = {m: row[m] for m in metric_names if pd.notna(row[m])}
+        layers, failed, reasons = [], [], []
+        ok, abs_failed = evaluate_rules(metrics, modality, qc)
+        if not ok:
+            layers.append("absolute")
+            failed += abs_failed
+            reasons += ["absolute: " + _reason_absolute(f) for f in abs_failed]
+        if modality in ANAT_MODALITIES:
+            ref_failed = reference_failures(metrics, modality, reference, qc.reference_z_limit)
+            if ref_failed:
+                layers.append("reference")
+                failed += [f"ref:{m} z={z:.1f}>{qc.reference_z_limit:g}" for m, z in ref_failed]
+                reasons += [
+                    f"reference: {_words(m)} ({metrics[m]:.3g}) is {_direction_word(modality, m)} on clean {modality} scans of "
+                    f"other scanners (robust z {z:.1f}, limit {qc.reference_z_limit:g})"
+                    for m, z in ref_failed
+                ]
+            site = str(row["site"])
+            if site != "unknown" and group_size[idx] >= qc.outlier_rule_min_group:
+                zs = site_z.loc[idx]
+                site_failed = [(m, float(zs[m])) for m in site_z.columns if zs[m] > qc.outlier_k]
+                if site_failed:
+                    layers.append("dataset")
+                    failed += [f"site:{m} z={z:.1f}>{qc.outlier_k:g}" for m, z in site_failed]
+                    reasons += [
+                        f"dataset: {_words(m)} is an outlier among the {int(group_size[idx])} {modality} scans of site "
+                        f"{site} (robust z {z:.1f}, limit {qc.outlier_k:g})"
+                        for m, z in site_failed
+                    ]
+            p = p_artifact[i]
+            if np.isfinite(p) and p >= qc.classifier_threshold:
+                layers.append("classifier")
+                failed.append(f"classifier:p={p:.2f}>={qc.classifier_threshold:g}")
+                reasons.append(
+                    f"classifier: the artifact classifier gives a {100 * p:.0f}% probability of a severe artifact "
+                    f"(rejects from {100 * qc.classifier_threshold:.0f}%)"
+                )
+        out.append({
+            "qc_pass": not layers,
+            "qc_layer": ";".join(layers),
+            "failed_rules": "; ".join(failed),
+            "qc_reason": "; ".join(reasons),
+            "p_artifact": float(p_artifact[i]),
+        })
+    return pd.DataFrame(out, index=df.index)
+
+
 def build_table(
     records: list[dict[str, Any]], qc: QCConfig, ratings: Mapping[str, Mapping[str, str]] | None = None
 ) -> pd.DataFrame:
@@ -156,7 +312,8 @@ def build_table(
         One per scan: the :data:`ENTITY_COLUMNS` plus metric values.
     qc : QCConfig
     ratings : mapping, optional
-        Reviewer ratings keyed by ``path`` (see :mod:`qc.review`).
+        Reviewer ratings keyed by ``path`` (see :mod:`qc.review`): overrides,
+        and extra labels of the layer-4 classifier.
     """
     rows = []
     metric_names: list[str] = []
@@ -164,31 +321,38 @@ def build_table(
         missing = [c for c in ("subject", "modality", "path") if not rec.get(c)]
         if missing:
             raise ValueError(f"curation record lacks {missing}: {rec}")
+        if rec["modality"] not in _SECTION:
+            raise ValueError(f"no QC thresholds for modality {rec['modality']!r}; known {sorted(_SECTION)}")
         row = {c: str(rec.get(c) or "") for c in ENTITY_COLUMNS}
         row["site"] = row["site"] or "unknown"
         metrics = {k: v for k, v in rec.items() if k not in ENTITY_COLUMNS}
         for k in metrics:
             if k not in metric_names:
                 metric_names.append(k)
-        passed, failed = evaluate_rules(metrics, row["modality"], qc)
-        rows.append({**row, **{k: float(v) for k, v in metrics.items()}, "qc_pass": passed, "failed_rules": "; ".join(failed)})
-    columns = [*ENTITY_COLUMNS, *metric_names, "qc_pass", "failed_rules"]
-    df = pd.DataFrame(rows, columns=columns)
+        rows.append({**row, **{k: float(v) for k, v in metrics.items()}})
+    df = pd.DataFrame(rows, columns=[*ENTITY_COLUMNS, *metric_names])
     for m in metric_names:
         df[m] = df[m].astype(float)
-    df["qc_pass"] = df["qc_pass"].astype(bool)
     df = df.sort_values(["subject", "session", "modality", "task", "acq", "run", "path"], kind="stable").reset_index(drop=True)
+    ratings = ratings or {}
+    decisions = _rule_failures(df, qc, metric_names, ratings) if len(df) else pd.DataFrame(
+        columns=["qc_pass", "qc_layer", "failed_rules", "qc_reason", "p_artifact"])
+    for col in decisions.columns:
+        df[col] = decisions[col]
+    df["qc_pass"] = df["qc_pass"].astype(bool)
+    df["p_artifact"] = df["p_artifact"].astype(float)
     df["outlier_metrics"] = mad_outliers(df, metric_names, qc.outlier_k, qc.outlier_min_group)
     df["override"] = ""
     df["override_comment"] = ""
     df["include"] = df["qc_pass"]
-    return apply_overrides(df, ratings or {})
+    df = apply_overrides(df, ratings)
+    return df[[*ENTITY_COLUMNS, *metric_names, *TRAILING_COLUMNS]]
 
 
 def table_paths(output_dir: str | Path) -> tuple[Path, Path]:
-    """``(curation.parquet, curation.tsv)`` under ``OUTPUT_DIR/curation``."""
-    folder = Path(output_dir) / "curation"
-    return folder / "curation.parquet", folder / "curation.tsv"
+    """``(curation.parquet, curation.tsv)`` of ``OUTPUT_DIR`` (:class:`pipeline.core.layout.OutputLayout`)."""
+    layout = OutputLayout(Path(output_dir))
+    return layout.curation_table, layout.curation_tsv
 
 
 def write_table(df: pd.DataFrame, output_dir: str | Path) -> tuple[Path, Path]:

@@ -21,10 +21,13 @@ import pandas as pd
 from pipeline.core.config import Config, write_resolved_config
 from pipeline.core.derivatives import SPACE, anat_outputs, func_outputs, parse_name
 from pipeline.core.errors import EXIT_OK, EXIT_PARTIAL, InputError, NeurocurateError
+from pipeline.core.faults import crash_point
+from pipeline.core.layout import CURATION_NON_METRIC_COLUMNS, OutputLayout
 from pipeline.core.templates import get_template
 
 __all__ = [
     "Scan",
+    "anat_metrics",
     "crash_log_subjects",
     "discover_scans",
     "find_crash_logs",
@@ -78,7 +81,7 @@ def discover_scans(output_dir: Path, subject: str | None = None) -> list[Scan]:
 
 def find_crash_logs(output_dir: Path, subject: str) -> list[tuple[str, str]]:
     """``(name, text)`` of crash/error files in ``OUTPUT_DIR/logs`` that name ``sub-<subject>``."""
-    logs = output_dir / "logs"
+    logs = OutputLayout(output_dir).logs_dir
     if not logs.is_dir():
         return []
     pattern = re.compile(rf"(^|[_\-./])sub-{re.escape(subject)}([_\-.]|$)")
@@ -90,8 +93,9 @@ def find_crash_logs(output_dir: Path, subject: str) -> list[tuple[str, str]]:
     return out
 
 
-def _sites(output_dir: Path) -> dict[str, str]:
-    path = output_dir / "participants.tsv"
+def _sites(output_dir: Path, column: str = "site") -> dict[str, str]:
+    """Site of each subject from column ``column`` of ``OUTPUT_DIR/participants.tsv`` (empty when absent)."""
+    path = OutputLayout(output_dir).participants
     if not path.is_file():
         return {}
     try:
@@ -100,9 +104,13 @@ def _sites(output_dir: Path) -> dict[str, str]:
         raise InputError(path, f"cannot read participants table ({exc})") from None
     if "participant_id" not in df.columns:
         raise InputError(path, "no participant_id column")
-    if "site" not in df.columns:
+    if column not in df.columns:
         return {}
-    return {pid.removeprefix("sub-"): site for pid, site in zip(df["participant_id"], df["site"], strict=True) if site and site != "n/a"}
+    return {
+        pid.removeprefix("sub-"): site
+        for pid, site in zip(df["participant_id"], df[column], strict=True)
+        if site and site not in ("n/a", "not recorded")
+    }
 
 
 class _Templates:
@@ -116,6 +124,15 @@ class _Templates:
             "mask": get_template(2, "mask", "brain", template_dir=tdir),
         }
         self._cache: dict[str, np.ndarray] = {}
+        self._tissues: dict[str, np.ndarray] | None = None
+
+    def tissues(self) -> dict[str, np.ndarray]:
+        """Core CSF/GM/WM regions of the T1 template (for the contrast-signature metrics)."""
+        from qc.metrics import template_tissues
+
+        if self._tissues is None:
+            self._tissues = template_tissues(self.get("T1w"), self.get("mask") > 0)
+        return self._tissues
 
     def get(self, key: str) -> np.ndarray:
         if key not in self._cache:
@@ -123,7 +140,9 @@ class _Templates:
         return self._cache[key]
 
     def for_modality(self, modality: str) -> np.ndarray:
-        # No FLAIR template exists; T2 is the closest contrast.
+        # No FLAIR template exists; T2 is the closest contrast. The FLAIR-vs-T2 intensity correlation is
+        # negative (dark CSF) and is judged against real FLAIRs (qc.reference); edge_correlation and the
+        # tissue ratios do not assume the template's contrast.
         return self.get("T1w" if modality == "T1w" else "T2w")
 
 
@@ -139,19 +158,50 @@ def _load(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
     return data
 
 
-def _anat_metrics(scan: Scan, output_dir: Path, cfg: Config, tpl: _Templates) -> dict[str, float]:
-    from qc.iqms import structural_iqms
-    from qc.metrics import template_similarity
+def anat_metrics(
+    image: np.ndarray,
+    modality: str,
+    template: np.ndarray,
+    template_mask: np.ndarray,
+    tissues: dict[str, np.ndarray],
+    brain: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    bins: int = 64,
+) -> dict[str, float]:
+    """Every anatomical QC metric of one scan in MNI space (pure; arrays on the template grid).
 
+    Parameters
+    ----------
+    image : ndarray
+        N4-corrected head image.
+    modality : {"T1w", "T2w", "FLAIR"}
+    template, template_mask : ndarray
+        The contrast's template and the template brain mask.
+    tissues : dict
+        Template CSF/GM/WM regions (:func:`qc.metrics.template_tissues`).
+    brain : ndarray, optional
+        The scan's brain mask (default: the template's).
+    bias : ndarray, optional
+        N4 bias field.
+    """
+    from qc.iqms import structural_iqms
+    from qc.metrics import template_similarity, tissue_contrast
+
+    tmask = template_mask > 0
+    metrics = template_similarity(image, template, tmask, bins=bins)
+    metrics.update(structural_iqms(image, tmask if brain is None else brain > 0, modality, bias))
+    metrics.update(tissue_contrast(image, tissues))
+    return metrics
+
+
+def _anat_metrics(scan: Scan, output_dir: Path, cfg: Config, tpl: _Templates) -> dict[str, float]:
     outs = anat_outputs(output_dir, scan.entities, scan.modality, 2)
     template = tpl.for_modality(scan.modality)
-    tmask = tpl.get("mask") > 0
+    tmask = tpl.get("mask")
     image = _load(scan.path, template.shape)
-    brain = _load(outs.mask, template.shape) > 0 if outs.mask.is_file() else tmask
+    brain = _load(outs.mask, template.shape) if outs.mask.is_file() else None
     bias = _load(outs.biasfield, template.shape) if outs.biasfield.is_file() else None
-    metrics = template_similarity(image, template, tmask, bins=cfg.qc.mi_bins)
-    metrics.update(structural_iqms(image, brain, scan.modality, bias))
-    return metrics
+    return anat_metrics(image, scan.modality, template, tmask, tpl.tissues(), brain, bias, cfg.qc.mi_bins)
 
 
 def _bold_metrics(scan: Scan, output_dir: Path, tpl: _Templates) -> dict[str, float]:
@@ -258,8 +308,7 @@ def _scan_view(row: pd.Series, cfg: Config, figures: list[tuple[str, str]]) -> d
         value = float(value) if pd.notna(value) else float("nan")
         ok = not np.isfinite(value) or (value >= thr if kind == "min" else value <= thr)
         rules.append((metric, kind, f"{thr:g}", _fmt(value), bool(ok)))
-    skip = {"subject", "session", "task", "acq", "run", "modality", "site", "path", "qc_pass", "failed_rules",
-            "override", "override_comment", "include"}
+    skip = CURATION_NON_METRIC_COLUMNS
     # The table holds every modality's metrics; show the ones this scan has.
     metrics = [
         (k, _fmt(v) if isinstance(v, float) else str(v))
@@ -274,6 +323,8 @@ def _scan_view(row: pd.Series, cfg: Config, figures: list[tuple[str, str]]) -> d
         "rules": rules,
         "metrics": metrics,
         "qc_pass": bool(row["qc_pass"]),
+        "reasons": [tuple(r.split(": ", 1)) if ": " in r else ("", r) for r in str(row.get("qc_reason", "") or "").split("; ") if r],
+        "p_artifact": f"{100 * float(row['p_artifact']):.0f}%" if pd.notna(row.get("p_artifact", float("nan"))) else None,
         "include": bool(row["include"]),
         "override": str(row.get("override", "")),
         "comment": str(row.get("override_comment", "")),
@@ -298,7 +349,7 @@ def _subject_table(
         df = df[df["path"].isin(wanted)]
         if set(df["path"]) == wanted:
             return df, []
-    site = _sites(output_dir).get(subject, "unknown")
+    site = _sites(output_dir, cfg.qc.site_column).get(subject, "unknown")
     records, errors = [], []
     for scan in scans:
         try:
@@ -335,7 +386,7 @@ def write_subject_report(output_dir: Path, subject: str, cfg: Config) -> Path:
                 errors.append((row["path"], f"figures could not be drawn: {exc}"))
                 figures = []
             views.append(_scan_view(row, cfg, figures))
-    target = output_dir / "reports" / f"sub-{subject}.html"
+    target = OutputLayout(output_dir).subject_report(subject)
     return write_html(target, render_subject_report(subject, views, errors))
 
 
@@ -343,7 +394,7 @@ def write_group_report(output_dir: Path, df: pd.DataFrame, cfg: Config, error_su
     """Write ``OUTPUT_DIR/reports/group.html`` from the curation table."""
     from qc.reports import render_group_report, write_html
 
-    return write_html(Path(output_dir) / "reports" / "group.html", render_group_report(df, cfg.qc, error_subjects))
+    return write_html(OutputLayout(Path(output_dir)).group_report, render_group_report(df, cfg.qc, error_subjects))
 
 
 def run_group(output_dir: Path, cfg: Config) -> int:
@@ -374,29 +425,41 @@ def run_group(output_dir: Path, cfg: Config) -> int:
     subjects = sorted({s.subject for s in scans} | crash_log_subjects(output_dir))
     if not subjects:
         raise NeurocurateError(f"{output_dir}: no derivatives (sub-*/anat, sub-*/func) and no crash logs found")
-    sites = _sites(output_dir)
+    sites = _sites(output_dir, cfg.qc.site_column)
     tpl = _Templates(cfg)
     records, failed = [], {}
-    for scan in scans:
-        try:
-            records.append(scan_record(scan, output_dir, cfg, tpl, sites.get(scan.subject, "unknown")))
-        except (InputError, ValueError) as exc:
-            log.error("QC of %s failed: %s", scan.path, exc)
-            failed.setdefault(scan.subject, []).append(str(exc))
+    from pipeline.core.parallel import (  # threads, or the [dask] cluster
+        MapError,
+        Star,
+        parallel_map,
+    )
+
+    results = parallel_map(Star(scan_record), [(scan, output_dir, cfg, tpl, sites.get(scan.subject, "unknown"))
+                                               for scan in scans], workers=cfg.dask.workers,
+                           dask=cfg.dask, catch=(InputError, ValueError), progress="qc", unit="scan")
+    for scan, result in zip(scans, results):
+        if isinstance(result, MapError):
+            log.error("QC of %s failed: %s", scan.path, result.message)
+            failed.setdefault(scan.subject, []).append(result.message)
+        else:
+            records.append(result)
+        crash_point("qc.scan_recorded")
     df = build_table(records, cfg.qc, load_ratings(output_dir))
     write_table(df, output_dir)
-    write_resolved_config(cfg, output_dir / "curation")
+    crash_point("qc.table_written")
+    write_resolved_config(cfg, OutputLayout(output_dir).curation_dir)
     error_subjects = sorted(set(failed) | crash_log_subjects(output_dir))
     for subject in subjects:
         write_subject_report(output_dir, subject, cfg)
+        crash_point("qc.subject_report_written")
     write_group_report(output_dir, df, cfg, error_subjects)
-    log.info("curation: %d scans, %d included; reports in %s", len(df), int(df["include"].sum()), output_dir / "reports")
+    log.info("curation: %d scans, %d included; reports in %s", len(df), int(df["include"].sum()), OutputLayout(output_dir).reports_dir)
     return EXIT_PARTIAL if failed else EXIT_OK
 
 
 def crash_log_subjects(output_dir: Path) -> set[str]:
     """Labels of subjects named by a file in ``OUTPUT_DIR/logs``."""
-    logs = output_dir / "logs"
+    logs = OutputLayout(output_dir).logs_dir
     if not logs.is_dir():
         return set()
     found = set()

@@ -18,11 +18,14 @@ import numpy as np
 
 __all__ = [
     "brain_coverage",
+    "edge_correlation",
     "mutual_information",
     "pearson_correlation",
     "psnr",
     "robust_normalize",
     "template_similarity",
+    "template_tissues",
+    "tissue_contrast",
 ]
 
 
@@ -121,6 +124,71 @@ def brain_coverage(image: np.ndarray, mask: np.ndarray, fraction: float = 0.1) -
     return float(np.mean(vals > fraction * ref))
 
 
+def edge_correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Pearson correlation of the gradient magnitudes of ``a`` and ``b`` inside ``mask``.
+
+    Edges sit at tissue boundaries whatever the contrast, so unlike the
+    intensity correlation this does not assume that the scan and the template
+    share a contrast: a FLAIR (dark CSF) and the T2 template (bright CSF)
+    have the same edges. Both images are robustly normalised inside the mask
+    first. A misregistered, flipped, blurred or noisy scan has edges that no
+    longer line up with the template's.
+    """
+    if a.shape != b.shape or a.shape != mask.shape:
+        raise ValueError(f"shape mismatch: image {a.shape}, template {b.shape}, mask {mask.shape}")
+    m = mask.astype(bool)
+    grads = []
+    for img in (a, b):
+        img = np.where(np.isfinite(img), img, 0.0).astype(np.float64)
+        vals = img[m]
+        lo, hi = np.percentile(vals, [1, 99]) if vals.size else (0.0, 0.0)
+        img = np.clip((img - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(img)
+        grads.append(np.sqrt(sum(g * g for g in np.gradient(img))))
+    return pearson_correlation(grads[0], grads[1], mask)
+
+
+def template_tissues(template_t1: np.ndarray, mask: np.ndarray, iterations: int = 30) -> dict[str, np.ndarray]:
+    """Core CSF, GM and WM regions of the T1 template (3-class k-means in the brain mask, eroded once).
+
+    They are the same voxels for every scan in MNI space, so the contrast
+    between them can be read from a scan without segmenting it.
+    """
+    from scipy import ndimage
+
+    m = mask.astype(bool)
+    vals = template_t1[m].astype(np.float64)
+    centres = np.percentile(vals, [15, 50, 85])
+    for _ in range(iterations):
+        labels = np.argmin(np.abs(vals[:, None] - centres[None, :]), axis=1)
+        new = np.array([vals[labels == k].mean() if np.any(labels == k) else centres[k] for k in range(3)])
+        if np.allclose(new, centres):
+            break
+        centres = new
+    order = np.argsort(centres)
+    out = {}
+    for rank, name in enumerate(("csf", "gm", "wm")):
+        region = np.zeros(mask.shape, dtype=bool)
+        region[m] = labels == order[rank]
+        out[name] = ndimage.binary_erosion(region)
+    return out
+
+
+def tissue_contrast(image: np.ndarray, tissues: dict[str, np.ndarray]) -> dict[str, float]:
+    """Median WM/GM and CSF/GM intensity ratios in the template's tissue regions.
+
+    The signs of ``log`` of these ratios identify the contrast: T1w has
+    WM > GM > CSF, T2w CSF > GM > WM, FLAIR GM > WM and dark CSF. A scan whose
+    ratios contradict its label is the wrong modality (or is not a head in
+    the right orientation). NaN when GM has no signal.
+    """
+    img = np.where(np.isfinite(image), image, 0.0)
+    med = {k: float(np.median(img[v])) if v.any() else float("nan") for k, v in tissues.items()}
+    gm = med["gm"]
+    if not gm > 0:
+        return {"wm_gm_ratio": float("nan"), "csf_gm_ratio": float("nan")}
+    return {"wm_gm_ratio": med["wm"] / gm, "csf_gm_ratio": med["csf"] / gm}
+
+
 def template_similarity(image: np.ndarray, template: np.ndarray, mask: np.ndarray, bins: int = 64) -> dict[str, float]:
     """Every template-similarity metric of one scan, as a flat dict.
 
@@ -141,5 +209,6 @@ def template_similarity(image: np.ndarray, template: np.ndarray, mask: np.ndarra
         "nmi": nmi,
         "psnr": psnr(image, template, mask),
         "correlation": pearson_correlation(image, template, mask),
+        "edge_correlation": edge_correlation(image, template, mask),
         "brain_coverage": brain_coverage(image, mask),
     }

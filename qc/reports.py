@@ -24,11 +24,11 @@ import pandas as pd
 
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.config import QCConfig
+from pipeline.core.layout import CURATION_NON_METRIC_COLUMNS
 
 __all__ = [
     "bias_mosaic",
     "carpet_plot",
-    "write_html",
     "environment",
     "map_mosaic",
     "metric_strip_svg",
@@ -36,12 +36,10 @@ __all__ = [
     "registration_mosaic",
     "render_group_report",
     "render_subject_report",
+    "write_html",
 ]
 
-_NON_METRIC = {
-    "subject", "session", "task", "acq", "run", "modality", "site", "path", "qc_pass",
-    "failed_rules", "outlier_metrics", "override", "override_comment", "include",
-}
+_NON_METRIC = CURATION_NON_METRIC_COLUMNS
 
 
 def environment() -> Any:
@@ -332,6 +330,8 @@ def render_group_report(df: pd.DataFrame, qc: QCConfig, subjects_with_errors: Se
                 "metrics": [(m, r[m], _fmt(float(r[m])) if pd.notna(r[m]) else "n/a") for m in metrics],
                 "qc_pass": bool(r["qc_pass"]),
                 "failed_rules": str(r["failed_rules"]),
+                "layer": str(r.get("qc_layer", "")),
+                "reason": str(r.get("qc_reason", "")),
                 "outliers": str(r["outlier_metrics"]),
                 "override": str(r["override"]),
                 "comment": str(r["override_comment"]),

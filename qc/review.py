@@ -29,6 +29,7 @@ from urllib.parse import unquote, urlparse
 
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.errors import InputError
+from pipeline.core.layout import OutputLayout
 
 __all__ = [
     "REVIEW_HEADER",
@@ -49,7 +50,7 @@ _MAX_COMMENT = 2000
 
 
 def ratings_path(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "curation" / "ratings.json"
+    return OutputLayout(Path(output_dir)).ratings
 
 
 def _validate(entry: Any, where: str, key: str) -> dict[str, str]:
@@ -195,7 +196,7 @@ class _Handler(BaseHTTPRequestHandler):
         host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
         return host in self.allowed_hosts
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server API)
+    def do_GET(self) -> None:
         if not self._host_ok():
             return self._json(HTTPStatus.FORBIDDEN, {"error": "bad Host header"})
         route = unquote(urlparse(self.path).path)
@@ -206,7 +207,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(exc)})
         if route in ("", "/"):
             route = "/group.html"
-        reports = (self.output_dir / "reports").resolve()
+        reports = OutputLayout(self.output_dir).reports_dir.resolve()
         target = (reports / route.lstrip("/")).resolve()
         if not target.is_relative_to(reports) or not target.is_file():
             return self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
@@ -215,7 +216,7 @@ class _Handler(BaseHTTPRequestHandler):
             ctype += "; charset=utf-8"
         self._send(HTTPStatus.OK, target.read_bytes(), ctype)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         if not self._host_ok():
             return self._json(HTTPStatus.FORBIDDEN, {"error": "bad Host header"})
         if urlparse(self.path).path != "/api/rate":

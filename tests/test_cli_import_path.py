@@ -39,8 +39,16 @@ def test_import_qc_gradients_shards_pretrain_evaluate(shared_data, tmp_path, cap
     included = int(table["include"].sum())
     assert included >= len(labels) - 4  # a few ABIDE runs have zero-variance ROIs
 
-    # gradients: the only atlas present (CC200) is picked without --atlas
+    # gradients: the only atlas present (CC200) is picked without --atlas; too few components for the model's
+    # gradient positions is a one-line error at pretraining, naming the store's gradients
     assert main(["gradients", str(out), "--n-components", "10"]) == 0
+    assert main(["shards", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", str(layout.default_shards_dir), "--config", "tiny", "--out", str(tmp_path / "r0"),
+                 "--max-steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "gradients: holds 10 gradient coordinates" in err and "--n-components 30" in err
+    assert main(["gradients", str(out)]) == 0
     assert layout.gradients_tsv("CC200").is_file()
     sidecar = json.loads(layout.gradients_json("CC200").read_text())
     assert sidecar["NumberOfRuns"] == included

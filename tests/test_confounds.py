@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 import pytest
 
 from pipeline.core.errors import InputError
-from workflows.ops.bold import denoise_signals, find_epi_template, transform_parameters, validate_bold
+from workflows.ops.bold import find_epi_template, transform_parameters, validate_bold
 from workflows.ops.confounds import (
     dvars,
     expand_regressors,
@@ -150,39 +149,23 @@ def test_epi_template_lookup(tmp_path, template_dir):
         find_epi_template(str(tmp_path / "missing.nii.gz"), "")
 
 
-def test_denoise_removes_confound_and_scrubs():
-    rng = np.random.default_rng(1)
-    n = 120
-    t = np.arange(n) * 2.0
-    signal = np.sin(2 * np.pi * 0.04 * t)
-    nuisance = rng.normal(size=n)
-    conf = pd.DataFrame({name: rng.normal(size=n) * 1e-3 for name in motion_regressor_names(6)})
-    conf["white_matter"], conf["csf"], conf["global_signal"] = nuisance, rng.normal(size=n), rng.normal(size=n)
-    conf["framewise_displacement"] = np.r_[np.nan, np.full(n - 1, 0.1)]
-    conf.loc[50, "framewise_displacement"] = 2.0
-    data = np.column_stack([signal + 3 * nuisance, np.zeros(n)])
-    clean, kept, regs = denoise_signals(data, conf, 2.0, motion_regressors=6, high_pass=0, low_pass=0, detrend=False)
-    assert regs == motion_regressor_names(6) + ["white_matter", "csf"] and kept.size == n
-    assert abs(np.corrcoef(clean[:, 0], nuisance)[0, 1]) < 0.05
-    assert np.corrcoef(clean[:, 0], signal)[0, 1] > 0.95
-    clean, kept, _ = denoise_signals(data, conf, 2.0, motion_regressors=6, scrub_fd_threshold=0.5)
-    assert clean.shape == (n - 1, 2) and 50 not in kept
-    with pytest.raises(ValueError, match="lacks columns"):
-        denoise_signals(data, conf.drop(columns=["csf"]), 2.0, motion_regressors=0)
-
-
 def test_bold_config_defaults_and_strict_loading(tmp_path):
     from pipeline.core.config import ConfigError, load_config
 
     cfg = load_config()
-    assert cfg.bold.motion_regressors == 24 and (cfg.bold.high_pass, cfg.bold.low_pass) == (0.01, 0.1)
+    assert cfg.bold.motion_regressors == 24 and (cfg.bold.high_pass, cfg.bold.low_pass) == (0.008, 0.0)
+    assert cfg.bold.denoise == "auto" and (cfg.bold.denoise_task, cfg.bold.denoise_rest) == ("task", "simple")
+    assert cfg.bold.moco_method == "gauss_newton"
     toml = tmp_path / "c.toml"
     toml.write_text("[bold]\nmotion_regressors = 18\n")
     with pytest.raises(ConfigError, match="motion_regressors"):
         load_config(toml)
-    toml.write_text("[bold]\nglobal_signal = true\nscrub_fd_threshold = 0.5\n")
+    toml.write_text("[bold]\nglobal_signal = true\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(toml)
+    toml.write_text('[bold]\ndenoise_rest = "compcor_gsr"\nscrub_fd_threshold = 0.2\n')
     cfg = load_config(toml)
-    assert cfg.bold.global_signal and cfg.bold.scrub_fd_threshold == 0.5
+    assert cfg.bold.denoise_rest == "compcor_gsr" and cfg.bold.scrub_fd_threshold == 0.2
 
 
 def test_kmeans_1d_orders_classes_by_intensity():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,18 +15,26 @@ from pipeline.core.errors import InputError
 from qc import curation, review
 
 
+def _medians(modality: str) -> dict[str, float]:
+    from qc.reference import load_reference
+
+    ref = load_reference()
+    ref = ref[ref["modality"] == modality]
+    return dict(zip(ref["metric"], ref["median"].astype(float), strict=True))
+
+
 def _rec(subject: str, modality: str = "T1w", site: str = "A", **metrics: float) -> dict:
-    base = {"correlation": 0.7, "nmi": 1.05, "psnr": 14.0, "brain_coverage": 1.0, "snr": 25.0, "cnr": 2.5,
-            "cjv": 0.4, "efc": 0.8, "wm2max": 0.7, "inu_range": 0.1, "fber": 60.0}
+    """A scan whose metrics sit at the medians of the shipped clean reference."""
     return {"subject": subject, "modality": modality, "site": site,
-            "path": f"sub-{subject}/anat/sub-{subject}_{modality}.nii.gz", **base, **metrics}
+            "path": f"sub-{subject}/anat/sub-{subject}_{modality}.nii.gz", **_medians(modality), **metrics}
 
 
 def test_rules_come_from_the_modality_section() -> None:
     qc = QCConfig()
     rules = curation.rules_for("T1w", qc)
-    assert ("correlation", "min", qc.t1w.min_correlation) in rules
-    assert ("cjv", "max", qc.t1w.max_cjv) in rules
+    assert ("brain_coverage", "min", qc.t1w.min_brain_coverage) in rules
+    assert ("wm_gm_ratio", "min", 1.0) in rules
+    assert ("csf_gm_ratio", "max", 1.0) in curation.rules_for("FLAIR", qc)
     assert curation.rules_for("FLAIR", qc) != rules
     assert ("n_volumes", "min", 100.0) in curation.rules_for("timeseries", qc)
     with pytest.raises(ValueError, match="no QC thresholds"):
@@ -34,11 +43,11 @@ def test_rules_come_from_the_modality_section() -> None:
 
 def test_partial_toml_keeps_modality_defaults(tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
-    toml.write_text("[qc.flair]\nmin_snr = 3.0\n")
+    toml.write_text("[qc.flair]\nmin_brain_coverage = 0.5\n")
     cfg = load_config(toml)
-    assert cfg.qc.flair.min_snr == 3.0
-    # A FLAIR table that sets one key must not fall back to the generic defaults.
-    assert cfg.qc.flair.min_correlation == QCConfig().flair.min_correlation != QCConfig().t1w.min_correlation
+    assert cfg.qc.flair.min_brain_coverage == 0.5
+    # A FLAIR table that sets one key must not fall back to the T1w signature.
+    assert cfg.qc.flair.max_csf_gm_ratio == QCConfig().flair.max_csf_gm_ratio
     toml.write_text("[qc.t1w]\nmin_snrr = 3.0\n")
     with pytest.raises(ConfigError, match="min_snrr"):
         load_config(toml)
@@ -48,25 +57,29 @@ def test_any_failing_rule_fails_and_nan_skips() -> None:
     qc = QCConfig()
     ok, failed = curation.evaluate_rules(_rec("01"), "T1w", qc)
     assert ok and failed == []
-    ok, failed = curation.evaluate_rules(_rec("01", snr=1.0, cjv=2.0), "T1w", qc)
-    assert not ok and len(failed) == 2 and failed[0].startswith("snr=1<")
-    ok, _ = curation.evaluate_rules(_rec("01", snr=float("nan")), "T1w", qc)
+    ok, failed = curation.evaluate_rules(_rec("01", brain_coverage=0.3, wm_gm_ratio=0.7), "T1w", qc)
+    assert not ok and len(failed) == 2 and failed[0].startswith("brain_coverage=0.3<")
+    ok, _ = curation.evaluate_rules(_rec("01", brain_coverage=float("nan")), "T1w", qc)
     assert ok
 
 
 def test_build_table_columns_and_overrides() -> None:
-    qc = QCConfig()
-    recs = [_rec("01"), _rec("02", correlation=0.1), _rec("03", modality="T2w")]
+    # Classifier off: the ratings below would also become its labels (see test_qc_layers for that).
+    qc = dataclasses.replace(QCConfig(), classifier=False)
+    recs = [_rec("01"), _rec("02", brain_coverage=0.1), _rec("03", modality="T2w")]
     ratings = {recs[0]["path"]: {"decision": "exclude", "comment": "ringing"},
                recs[1]["path"]: {"decision": "include", "comment": ""}}
     df = curation.build_table(recs, qc, ratings)
     assert list(df.columns[:8]) == list(curation.ENTITY_COLUMNS)
-    assert list(df.columns[-6:]) == list(curation.TRAILING_COLUMNS)
+    assert list(df.columns[-len(curation.TRAILING_COLUMNS):]) == list(curation.TRAILING_COLUMNS)
     assert df["qc_pass"].tolist() == [True, False, True]
     assert df["include"].tolist() == [False, True, True]
     assert df["override"].tolist() == ["exclude", "include", ""]
     assert df.loc[0, "override_comment"] == "ringing"
-    assert "correlation=0.1<" in df.loc[1, "failed_rules"]
+    assert "brain_coverage=0.1<" in df.loc[1, "failed_rules"] and "absolute" in df.loc[1, "qc_layer"]
+    assert df["p_artifact"].isna().all()
+    with_clf = curation.build_table(recs, QCConfig())
+    assert with_clf["p_artifact"].between(0, 1).all() and with_clf["qc_pass"].tolist() == [True, False, True]
     with pytest.raises(ValueError, match="lacks"):
         curation.build_table([{"subject": "x"}], qc)
     with pytest.raises(ValueError, match="decision"):
@@ -75,15 +88,18 @@ def test_build_table_columns_and_overrides() -> None:
 
 def test_mad_outliers_per_modality_and_site() -> None:
     rng = np.random.default_rng(0)
-    recs = [_rec(f"a{i}", snr=25 + rng.normal()) for i in range(8)]
-    recs.append(_rec("a9", snr=60.0))  # far outside its site's spread, yet passes the fixed rule
-    recs += [_rec(f"b{i}", site="B", snr=60.0 + i) for i in range(3)]  # small site: no suggestion
+    snr = _medians("T1w")["snr"]
+    recs = [_rec(f"a{i}", snr=snr * (1 + 0.01 * rng.normal())) for i in range(8)]
+    recs.append(_rec("a9", snr=snr * 0.8))  # far below its site's spread
+    recs.append(_rec("a10", snr=snr * 1.3))  # far above: better, not an outlier
+    recs += [_rec(f"b{i}", site="B", snr=snr * (0.5 + 0.1 * i)) for i in range(3)]  # small site: no suggestion
     df = curation.build_table(recs, QCConfig())
     flagged = dict(zip(df["subject"], df["outlier_metrics"], strict=True))
-    assert flagged["a9"] == "snr"
+    assert flagged["a9"] == "snr" and flagged["a10"] == ""
     assert all(flagged[f"a{i}"] == "" for i in range(8))
     assert all(flagged[f"b{i}"] == "" for i in range(3))
-    assert df.set_index("subject").loc["a9", "qc_pass"]  # suggestion only
+    # Ten scans make site A a population (outlier_rule_min_group = 10): the outlier is now rejected.
+    assert "dataset" in df.set_index("subject").loc["a9", "qc_layer"]
 
 
 def test_table_roundtrip(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def _cfg():
 def _data(rank: int) -> list[dict]:
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own partition
     return [
-        {"x": torch.randn(10, 64, generator=g), "gradients": torch.randn(10, 3, generator=g), "subject": f"sub-{rank}-{i}"}
+        {"x": torch.randn(10, 64, generator=g), "gradients": torch.randn(10, 30, generator=g), "subject": f"sub-{rank}-{i}"}
         for i in range(5)
     ]
 

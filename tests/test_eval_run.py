@@ -61,7 +61,9 @@ def setup(tmp_path_factory):
     train_shards = _import(base / "shards_a", "a", ["A", "B"])
     other_shards = _import(base / "shards_b", "b", ["S<1>", "S&2"], seed=1000)
     cfg = load_pretrain_config("tiny")
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=3, checkpoint_every=3, log_every=1, warmup_steps=1))
+    # The toy store has 8 ROIs and 3 gradient coordinates (not Brain-JEPA's 30).
+    cfg = dataclasses.replace(cfg, fmri=dataclasses.replace(cfg.fmri, gradient_dim=3),
+                              train=dataclasses.replace(cfg.train, max_steps=3, checkpoint_every=3, log_every=1, warmup_steps=1))
     ds = ShardDataset(train_shards, store="fmri-Toy", training=True)
     run_dir = base / "run"
     Trainer(cfg, ds, run_dir, progress=False).fit()
@@ -74,7 +76,9 @@ def test_evaluation_of_a_run_on_shards_from_another_import(setup):
                        reference_shards=setup["a"])
     assert res["store"] == "fmri-Toy" and res["n_samples"] == 48
     assert res["gradients"].startswith("reference store")
-    assert set(res["models"]) == {"moe_jepa_linear", "moe_jepa_attentive", "random_encoder_linear", "fc_pearson", "fc_tangent"}
+    readouts = {"linear", "roi", "roi_similarity", "token_similarity"}
+    assert set(res["models"]) == ({f"moe_jepa_{r}" for r in readouts} | {f"random_encoder_{r}" for r in readouts}
+                                  | {"moe_jepa_attentive", "fc_pearson", "fc_tangent"})
     # The planted coupling is found by the connectivity baselines.
     assert res["models"]["fc_pearson"]["metrics"]["auroc"]["value"] > 0.9
     for info in res["models"].values():
@@ -82,7 +86,7 @@ def test_evaluation_of_a_run_on_shards_from_another_import(setup):
             if v["value"] is not None and np.isfinite(v["value"]):
                 assert v["low"] <= v["value"] <= v["high"]
     assert res["best_baseline"] in ("fc_pearson", "fc_tangent")
-    assert set(res["comparisons"]) == {"moe_jepa_linear", "moe_jepa_attentive"}
+    assert set(res["comparisons"]) == {f"moe_jepa_{r}" for r in readouts} | {"moe_jepa_attentive"}
     assert [f["name"] for f in res["folds"]] == ["site-S&2", "site-S<1>"]
     # One MoE layer in the tiny encoder; networks come from the Schaefer names.
     assert len(res["routing"]) == 1
@@ -154,5 +158,7 @@ def test_few_shot_through_the_stage(setup):
     res = evaluate_run(setup["run"], setup["a"], "diagnosis", split="kfold", few_shot=3,
                        cfg=dataclasses.replace(CFG, attentive_probe=False), out_dir=setup["base"] / "fs")
     fs = res["few_shot"]
-    assert fs["k"] == 3 and set(fs["models"]) == {"moe_jepa_linear", "random_encoder_linear", "fc_pearson", "fc_tangent"}
+    readouts = {"linear", "roi", "roi_similarity", "token_similarity"}
+    assert fs["k"] == 3 and set(fs["models"]) == ({f"moe_jepa_{r}" for r in readouts} | {f"random_encoder_{r}" for r in readouts}
+                                                  | {"fc_pearson", "fc_tangent"})
     assert len(fs["models"]["fc_pearson"]["metrics"]["auroc"]["values"]) == CFG.few_shot_resamples

@@ -332,3 +332,68 @@ def test_roi_networks_from_an_atlas_image(shared_data):
     assert len(nets) == 10
     assert set(nets) <= {"Vis", "SomMot", "DorsAttn", "SalVentAttn", "Limbic", "Cont", "Default", "Subcortex", "Unassigned"}
     assert sum(n != "Unassigned" for n in nets) >= 8
+
+
+def test_row_space_probe_equals_the_probe_on_raw_features():
+    """More features than rows: the SVD coordinates give the same predictions and the same chosen C."""
+    from pipeline.evaluation.probes import _inner_loss, _model, row_space
+    from pipeline.evaluation.splits import inner_splits
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((70, 400))
+    y = (X[:, :5].sum(1) + rng.standard_normal(70) > 0).astype(int)
+    subjects = np.array([f"s{i}" for i in range(70)])
+    train, test = np.arange(50), np.arange(50, 70)
+    Xtr, Xte = X[train], X[test]
+    Ptr, Pte = row_space(Xtr, Xte)
+    assert Ptr.shape == (50, 50) and Pte.shape == (20, 50)
+    inner = inner_splits(subjects[train], y[train], 3, 0)
+    for C in (0.01, 1.0):
+        # Same optimum: equal to solver precision (exact with a tight tolerance; within lbfgs's default tol otherwise).
+        exact = {"tol": 1e-10, "max_iter": 10000}
+        raw = _model("classification", C, 0).set_params(**exact).fit(Xtr, y[train]).predict_proba(Xte)
+        red = _model("classification", C, 0).set_params(**exact).fit(Ptr, y[train]).predict_proba(Pte)
+        np.testing.assert_allclose(red, raw, atol=1e-8)
+        assert _inner_loss(Ptr, y[train], inner, "classification", C, 2, 0) == pytest.approx(
+            _inner_loss(Xtr, y[train], inner, "classification", C, 2, 0), abs=5e-3)
+    yr = X[:, 0] * 2 + rng.standard_normal(70)
+    np.testing.assert_allclose(_model("regression", 10.0, 0).fit(Ptr, yr[train]).predict(Pte),
+                               _model("regression", 10.0, 0).fit(Xtr, yr[train]).predict(Xte), atol=1e-8)
+    # fewer features than rows: untouched
+    a, b = row_space(Xtr[:, :10], Xte[:, :10])
+    assert a is not None and a.shape == (50, 10) and np.array_equal(b, Xte[:, :10])
+
+
+def test_tangent_features_equal_nilearn_and_reuse_covariances():
+    from nilearn.connectome import ConnectivityMeasure
+
+    rng = np.random.default_rng(0)
+    series = [rng.standard_normal((60, 12)) @ rng.standard_normal((12, 12)) for _ in range(30)]
+    train, test = np.arange(20), np.arange(20, 30)
+    ref = ConnectivityMeasure(kind="tangent", vectorize=True, discard_diagonal=True)
+    want_tr = ref.fit_transform([series[i] for i in train])
+    want_te = ref.transform([series[i] for i in test])
+    tangent = bl.TangentConnectivity(series)
+    got_tr, got_te = tangent.fold(train, test)
+    np.testing.assert_allclose(got_tr, want_tr, atol=1e-5)
+    np.testing.assert_allclose(got_te, want_te, atol=1e-5)
+    covs = tangent.covariances
+    tangent.fold(test, train)
+    assert tangent.covariances is covs  # computed once for every fold
+
+
+def test_roi_readouts_shapes_and_similarity_structure():
+    from pipeline.evaluation.readouts import readout_features, roi_similarity_features
+
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((5, 20, 8)).astype(np.float32) + 3.0  # a large component shared by all ROIs
+    tokens[:, 1] = tokens[:, 0] + 0.05 * rng.standard_normal((5, 8))  # ROI 1 ~ ROI 0
+    pooled = tokens.mean(1)
+    assert readout_features("mean", pooled, tokens).shape == (5, 8)
+    assert readout_features("roi", pooled, tokens).shape == (5, 160)
+    sim = roi_similarity_features(tokens)
+    assert sim.shape == (5, 190) and np.isfinite(sim).all()
+    # pair (0, 1) stands out; the shared component is removed, so other pairs are not all ~1
+    assert (sim[:, 0] > 2.0).all() and np.abs(np.median(sim[:, 1:], axis=1)).max() < 0.5
+    with pytest.raises(ValueError, match="unknown readout"):
+        readout_features("max", pooled, tokens)

@@ -1,4 +1,4 @@
-"""Mask collators: exact token counts, disjoint context/targets, determinism, weights.
+"""Mask collators: Brain-JEPA ranges, disjoint context/targets, determinism, weights.
 
 Shape legend: B samples, R ROIs, T time points, N time patches, L tokens.
 """
@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from pipeline.pretrain.config import AnatMaskConfig, FMRIMaskConfig, MoEConfig
-from pipeline.pretrain.masks import AnatCollator, FMRICollator, multiscale_block_mask
+from pipeline.pretrain.masks import (
+    TARGET_GROUPS,
+    AnatCollator,
+    FMRICollator,
+    edge_zone_patches,
+    fmri_block_sizes,
+    fmri_mask_groups,
+    multiscale_block_mask,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -24,54 +32,106 @@ def _one_thread():
 
 
 
-def _fmri_samples(B: int, R: int, T: int, grads: bool = True) -> list[dict]:
+def _fmri_samples(B: int, R: int, T: int, grads: bool = True, k: int = 30) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     out = []
     for i in range(B):
         s = {"x": torch.randn(R, T, generator=g), "subject": f"sub-{i}", "task": "rest"}
         if grads:
-            s["gradients"] = torch.randn(R, 3, generator=g)
+            s["gradients"] = torch.randn(R, k, generator=g)
         out.append(s)
     return out
 
 
-@pytest.mark.parametrize("R,T,step", [(20, 64, 0), (20, 64, 7), (450, 160, 3), (116, 160, 11)])
-def test_fmri_mask_counts_exact_and_disjoint(R, T, step):
+def _rois(idx: torch.Tensor, N: int) -> set[int]:
+    return set((idx // N).tolist())
+
+
+@pytest.mark.parametrize("R,T,step", [(20, 64, 0), (20, 64, 7), (450, 160, 3), (200, 96, 11)])
+def test_fmri_masks_stack_and_context_is_disjoint_from_targets(R, T, step):
     cfg = FMRIMaskConfig(num_frames=T, patch=16)
     N = T // 16
     col = FMRICollator(cfg, MoEConfig(), seed=5)
     batch = col(_fmri_samples(4, R, T + 7), step)
-    sizes = col.last_sizes
     ctx_BC, tgt_BM = batch["ctx_idx"], batch["tgt_idx"]
+    counts = col.last_sizes
     assert ctx_BC.shape[0] == tgt_BM.shape[0] == 4
-    n_ctx = (sizes["obs_r"] - sizes["a_r"]) * (sizes["obs_t"] - sizes["left"] - sizes["right"])
-    n_tgt = sizes["a_r"] * sizes["a_t"] + (sizes["b_r"] + sizes["c_r"]) * (sizes["left"] + sizes["right"])
-    assert ctx_BC.shape[1] == n_ctx and tgt_BM.shape[1] == n_tgt
+    assert tgt_BM.shape[1] == sum(counts[k] for k in TARGET_GROUPS) and ctx_BC.shape[1] > 0
     for ctx, tgt in zip(ctx_BC, tgt_BM):
-        assert ctx.unique().numel() == ctx.numel() and tgt.unique().numel() == tgt.numel()
+        assert ctx.unique().numel() == ctx.numel()
         assert not set(ctx.tolist()) & set(tgt.tolist())
-        assert 0 <= int(ctx.min()) and int(max(ctx.max(), tgt.max())) < R * N
-    # block sizes follow the configured scales
-    assert 0.84 * R - 1 <= sizes["obs_r"] <= R
-    assert sizes["a_r"] <= math.ceil(0.6 * sizes["obs_r"]) and sizes["a_r"] >= math.floor(0.45 * sizes["obs_r"])
+        assert 0 <= int(min(ctx.min(), tgt.min())) and int(max(ctx.max(), tgt.max())) < R * N
 
 
-def test_fmri_targets_have_cross_roi_and_edge_structure():
-    R, T = 30, 160
-    cfg = FMRIMaskConfig(num_frames=T, patch=16, obs_scale=(0.84, 0.84))
-    batch = FMRICollator(cfg, MoEConfig(), seed=0)(_fmri_samples(2, R, T), 0)
+@pytest.mark.parametrize("R,T", [(450, 160), (200, 160), (200, 96)])
+def test_fmri_mask_ranges_follow_brain_jepa(R, T):
+    """Block sizes within Brain-JEPA's ranges; beta/gamma drawn from the right ROI sets; empty edges allowed."""
+    cfg = FMRIMaskConfig(num_frames=T, patch=16)
     N = T // 16
-    for ctx, tgt in zip(batch["ctx_idx"], batch["tgt_idx"]):
-        ctx_rois = set((ctx // N).tolist())
-        ctx_times = set((ctx % N).tolist())
-        tgt_rois = (tgt // N).tolist()
-        tgt_times = (tgt % N).tolist()
-        # some targets are ROIs the context never sees (cross-ROI / double-cross)
-        assert set(tgt_rois) - ctx_rois
-        # some targets are time patches the context never sees (cross-time edges)
-        assert set(tgt_times) - ctx_times
-        # the context is a full ROI x time grid
-        assert len(ctx) == len(ctx_rois) * len(ctx_times)
+    zone = edge_zone_patches(N, cfg)
+    edge_sizes, gamma_share = [], []
+    for step in range(40):
+        g = torch.Generator().manual_seed(step)
+        sz = fmri_block_sizes(g, R, N, cfg)
+        assert sz["obs_r"] == int(0.84 * R) and sz["obs_t"] == max(3, int(0.84 * N))
+        assert int(0.45 * R) <= sz["a_r"] <= int(0.6 * R)
+        assert max(1, int(0.2 * N)) <= sz["a_t"] <= int(0.6 * N)
+        grp = fmri_mask_groups(g, R, N, sz, cfg)
+        ctx_rois = _rois(grp["context"], N)
+        alpha_rois = _rois(grp["alpha"], N)
+        assert len(alpha_rois) == sz["a_r"] and not ctx_rois & alpha_rois
+        # alpha lies inside the observation window; context times exclude every edge patch
+        ctx_t, alpha_t = set((grp["context"] % N).tolist()), set((grp["alpha"] % N).tolist())
+        assert len(alpha_t) == sz["a_t"]
+        observed = ctx_rois | (set(range(R)) - alpha_rois - _rois(grp["gamma_left"], N) - _rois(grp["gamma_right"], N))
+        for side in ("left", "right"):
+            beta, gamma = grp[f"beta_{side}"], grp[f"gamma_{side}"]
+            cols = set((torch.cat([beta, gamma]) % N).tolist())
+            n = sz[side]
+            assert 0 <= n <= min(zone, int(0.4 * N))
+            edge_sizes.append(n)
+            if n == 0:
+                assert beta.numel() == 0 and gamma.numel() == 0
+                continue
+            allowed = range(zone) if side == "left" else range(N - zone, N)
+            assert cols <= set(allowed) and not cols & ctx_t
+            b_rois, c_rois = _rois(beta, N), _rois(gamma, N)
+            # cross-time ROIs are observed, non-alpha ROIs; double-cross ROIs are unobserved or alpha ROIs
+            assert b_rois <= ctx_rois and not b_rois & c_rois and not c_rois & ctx_rois
+            u = sz[f"u_{side}"]
+            assert len(b_rois) == max(1, int(len(ctx_rois) * (0.15 + 0.15 * u)))
+            assert len(c_rois) == max(1, int((R - len(ctx_rois)) * (0.15 + 0.15 * u)))
+            gamma_share.append(len(c_rois) / R)
+        assert observed  # non-empty observation
+    # empty and non-empty edge blocks both occur over 80 draws of (0, 0.4)
+    assert 0 in edge_sizes and max(edge_sizes) >= 2
+    # double-cross ROIs: 15-30 % of (unobserved + alpha) ROIs, i.e. well above the 4.7 % of the old masks
+    assert min(gamma_share) >= 0.08
+
+
+@pytest.mark.parametrize("R", [12, 200])
+def test_double_cross_never_empty_when_ranges_demand_it(R):
+    # Edge time and ROI ranges start above 0 and every ROI is observed: gamma still comes from the alpha ROIs.
+    cfg = FMRIMaskConfig(num_frames=160, patch=16, obs_scale=(1.0, 1.0), edge_time_scale=(0.1, 0.4),
+                         edge_roi_scale=(0.15, 0.3))
+    col = FMRICollator(cfg, MoEConfig(), seed=0)
+    samples = _fmri_samples(3, R, 160)
+    for step in range(25):
+        col(samples, step)
+        c = col.last_sizes
+        assert c["left"] >= 1 and c["right"] >= 1
+        assert c["gamma_left"] >= 1 and c["gamma_right"] >= 1 and c["beta_left"] >= 1 and c["beta_right"] >= 1
+
+
+def test_fmri_mask_config_is_validated():
+    from pipeline.core.config import ConfigError
+    from pipeline.pretrain.config import config_from_dict
+
+    with pytest.raises(ConfigError, match="edge_zone"):
+        config_from_dict({"fmri": {"edge_zone": 0.6}})
+    with pytest.raises(ConfigError, match="at least 3 time patches"):
+        config_from_dict({"fmri": {"num_frames": 32, "patch": 16}})
+    assert config_from_dict({}).fmri.gradient_dim == 30  # Brain-JEPA's 30 gradient components
 
 
 def test_fmri_collator_deterministic_per_step_and_normalises():
@@ -81,7 +141,7 @@ def test_fmri_collator_deterministic_per_step_and_normalises():
     assert torch.equal(a["ctx_idx"], b["ctx_idx"]) and torch.equal(a["x"], b["x"])
     assert not (torch.equal(a["ctx_idx"], c["ctx_idx"]) and torch.equal(a["x"], c["x"]))
     torch.testing.assert_close(a["x"].mean(-1), torch.zeros(3, 12), atol=1e-5, rtol=0)
-    assert a["x"].shape == (3, 12, 64) and a["gradients"].shape == (3, 12, 3)
+    assert a["x"].shape == (3, 12, 64) and a["gradients"].shape == (3, 12, 30)
     assert a["state"].tolist() == [0, 0, 0]
     assert len(set(a["subject"].tolist())) == 3
 
@@ -93,12 +153,14 @@ def test_fmri_collator_short_runs_missing_gradients_and_errors():
     short[0]["x"][:, 30:] = 0.0
     batch = col(short, 0)
     assert batch["x"].shape == (2, 10, 64)
-    assert batch["gradients"].shape == (2, 10, 3) and batch["gradients"][0].std(0).min() > 0
+    assert batch["gradients"].shape == (2, 10, 30)
+    dist = torch.cdist(batch["gradients"][0], batch["gradients"][0]) + torch.eye(10)
+    assert dist.min() > 1e-3  # every ROI gets a distinct fallback position
     with pytest.raises(ValueError, match="share the ROI count"):
         col(_fmri_samples(1, 10, 64) + _fmri_samples(1, 11, 64), 0)
     bad = _fmri_samples(1, 10, 64)
     bad[0]["gradients"] = torch.zeros(10, 2)
-    with pytest.raises(ValueError, match="do not give 3 coordinates"):
+    with pytest.raises(ValueError, match="do not give 30 coordinates"):
         col(bad, 0)
 
 

@@ -48,7 +48,7 @@ def _fmri_data(n: int = 10, R: int = 12, T: int = 70) -> list[dict]:
     for i in range(n):
         phase = torch.rand(R, 1, generator=g) * 6.28
         x = torch.sin(t[None] * (1 + i % 3) + phase) + 0.1 * torch.randn(R, T, generator=g)
-        out.append({"x": x, "gradients": torch.randn(R, 3, generator=g), "subject": f"sub-{i % 4}", "task": "rest"})
+        out.append({"x": x, "gradients": torch.randn(R, 30, generator=g), "subject": f"sub-{i % 4}", "task": "rest"})
     return out
 
 
@@ -154,7 +154,13 @@ def test_metrics_and_resolved_config(tmp_path):
 
 
 def test_config_errors(tmp_path):
-    assert {"tiny", "small", "base"} <= set(named_configs())
+    assert {"tiny", "small", "base", "cpu", "cpu_dense", "gpu", "anat_tiny", "anat_small"} <= set(named_configs())
+    # structural runs need no hand-written TOML; every fMRI recipe uses Brain-JEPA's 30 gradient coordinates
+    assert {n for n in named_configs() if load_pretrain_config(n).model.modality == "anat"} == {"anat_tiny", "anat_small"}
+    assert all(load_pretrain_config(n).fmri.gradient_dim == 30 for n in named_configs())
+    cpu, dense = load_pretrain_config("cpu"), load_pretrain_config("cpu_dense")
+    assert not dense.moe.enabled and dense.model == cpu.model  # equal active FFN width: 4 x 64 = (1 + 1) x 128
+    assert cpu.model.dim * cpu.model.mlp_ratio == (cpu.moe.num_shared + cpu.moe.top_k) * cpu.moe.expert_hidden
     with pytest.raises(ConfigError, match="no such named config"):
         load_pretrain_config("huge")
     bad = tmp_path / "bad.toml"

@@ -72,7 +72,7 @@ def test_brain_coverage_and_errors() -> None:
     with pytest.raises(ValueError, match="fewer than 2"):
         metrics.pearson_correlation(img, img, np.zeros(img.shape, bool))
     sim = metrics.template_similarity(img + np.arange(1000).reshape(img.shape), img, mask)
-    assert set(sim) == {"mi", "nmi", "psnr", "correlation", "brain_coverage"}
+    assert set(sim) == {"mi", "nmi", "psnr", "correlation", "edge_correlation", "brain_coverage"}
 
 
 def test_tissue_segmentation_follows_contrast(phantom: tuple[np.ndarray, np.ndarray]) -> None:
@@ -162,13 +162,14 @@ def test_bold_metrics(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_real_colin27_passes_default_t1w_rules(shared_data: Path) -> None:
+def test_real_colin27_passes_default_curation(shared_data: Path) -> None:
     """Colin27 is already near MNI: resampled onto the 2 mm grid it must pass; with severe noise it must fail."""
     import nibabel as nib
     from nilearn.image import resample_to_img
 
     from pipeline.core.config import QCConfig
-    from qc.curation import evaluate_rules
+    from qc.curation import build_table
+    from qc.metrics import template_tissues, tissue_contrast
 
     tdir = shared_data / "templates"
     tpl_img = nib.load(tdir / "MNI152NLin6Asym_res-2_T1w.nii.gz")
@@ -181,11 +182,14 @@ def test_real_colin27_passes_default_t1w_rules(shared_data: Path) -> None:
     sigma = 0.2 * np.percentile(noisy_native[noisy_native > 0], 99)
     noisy_native = np.sqrt((noisy_native + rng.normal(0, sigma, noisy_native.shape)) ** 2
                            + rng.normal(0, sigma, noisy_native.shape) ** 2)
-    results = {}
+    tissues = template_tissues(template, mask)
+    records = []
     for name, img in (("clean", colin), ("noisy", nib.Nifti1Image(noisy_native.astype(np.float32), colin.affine))):
         data = resample_to_img(img, tpl_img, interpolation="linear", force_resample=True, copy_header=True).get_fdata()
         m = metrics.template_similarity(data, template, mask)
         m.update(iqms.structural_iqms(data.astype(np.float32), mask, "T1w"))
-        results[name] = evaluate_rules(m, "T1w", QCConfig())
-    assert results["clean"] == (True, [])
-    assert not results["noisy"][0]
+        m.update(tissue_contrast(data, tissues))
+        records.append({"subject": name, "modality": "T1w", "path": f"sub-{name}/anat/x.nii.gz", **m})
+    by = build_table(records, QCConfig()).set_index("subject")
+    assert by.loc["clean", "qc_pass"], by.loc["clean", "qc_reason"]
+    assert not by.loc["noisy", "qc_pass"]

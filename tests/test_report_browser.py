@@ -21,6 +21,9 @@ pytestmark = pytest.mark.skipif(
     reason="needs Debian packages chromium and chromium-driver",
 )
 
+# The default configuration: all four layers (the shipped reference and classifier).
+SYNTHETIC_CFG = Config()
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
@@ -29,7 +32,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str
     from test_reports import make_synthetic_output
 
     out = make_synthetic_output(tmp_path_factory.mktemp("browser"))
-    run_group(out, Config())
+    run_group(out, SYNTHETIC_CFG)
     server = make_server(out, 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -19,6 +19,9 @@ from pipeline.core.config import Config, from_dict
 from pipeline.core.derivatives import anat_outputs, func_outputs, timeseries_output
 from pipeline.core.templates import get_template
 
+# The default configuration: all four layers (the shipped reference and classifier).
+SYNTHETIC_CFG = Config()
+
 EVIL = '<script>alert("x")</script>'
 
 
@@ -87,7 +90,7 @@ def group_output(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     from qc.group import run_group
 
     out = make_synthetic_output(tmp_path_factory.mktemp("grp"))
-    code = run_group(out, Config())
+    code = run_group(out, SYNTHETIC_CFG)
     return out, code
 
 
@@ -100,9 +103,12 @@ def test_group_builds_table(group_output: tuple[Path, int]) -> None:
     assert sorted(df["modality"]) == ["T1w", "T1w", "T1w", "bold", "timeseries"]
     by = {(r.subject, r.modality, r.acq): r for r in df.itertuples()}
     assert by[("01", "T1w", "")].qc_pass and by[("01", "T1w", "")].include
-    assert not by[("02", "T1w", "")].qc_pass and "snr" in by[("02", "T1w", "")].failed_rules
-    # The T2 template labelled T1w correlates negatively with the T1 template.
-    assert not by[("02", "T1w", "mislabel")].qc_pass and "correlation" in by[("02", "T1w", "mislabel")].failed_rules
+    noisy = by[("02", "T1w", "")]
+    assert not noisy.qc_pass and noisy.qc_layer and noisy.qc_reason
+    # The T2 template labelled T1w has the T2w contrast signature: rejected by the absolute layer.
+    mislabel = by[("02", "T1w", "mislabel")]
+    assert not mislabel.qc_pass and "absolute" in mislabel.qc_layer and "wm_gm_ratio" in mislabel.failed_rules
+    assert "wrong modality" in mislabel.qc_reason
     ts = df[df["modality"] == "timeseries"].iloc[0]
     assert ts["zero_variance_fraction"] == pytest.approx(0.25) and not ts["qc_pass"]
     bold = df[df["modality"] == "bold"].iloc[0]
@@ -131,7 +137,7 @@ def test_missing_confounds_is_partial(tmp_path: Path) -> None:
 
     out = make_synthetic_output(tmp_path, with_anat=False)
     func_outputs(out, {"sub": "01", "task": "rest"}, 2).confounds.unlink()
-    assert run_group(out, Config()) == 3
+    assert run_group(out, SYNTHETIC_CFG) == 3
     df = pd.read_parquet(out / "curation" / "curation.parquet")
     assert "bold" not in set(df["modality"])
     assert "missing confounds TSV" in (out / "reports" / "sub-01.html").read_text()

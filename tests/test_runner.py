@@ -76,7 +76,8 @@ def _fake_stages(calls: Calls, fail_subjects: set[str] = frozenset()):
         for p in sorted(ctx.output_dir.glob("sub-*/anat/*_desc-preproc_T1w.nii.gz")):
             value = float(p.read_text())
             rows.append({"subject": p.name[4:6], "path": p.relative_to(ctx.output_dir).as_posix(),
-                         "include": value >= ctx.cfg.qc.t1w.min_snr})
+                         # a stand-in rule on the fake scans: value >= 1.6 x [qc].reference_z_limit (16 by default)
+                         "include": value >= 1.6 * ctx.cfg.qc.reference_z_limit})
         (ctx.output_dir / "curation").mkdir(exist_ok=True)
         pd.DataFrame(rows).to_parquet(ctx.output_dir / "curation" / "curation.parquet")
         (ctx.output_dir / "reports").mkdir(exist_ok=True)
@@ -122,6 +123,9 @@ def _runner(bids, out, calls, cfg=None, **kw):
 
 
 def test_first_run_runs_everything_then_noop_rerun_does_no_work(dataset, capsys):
+    from pipeline.core.console import attach_console
+
+    attach_console()  # what the CLI does: the runner's messages on stdout
     bids, out = dataset
     calls = Calls()
     result = _runner(bids, out, calls).run()
@@ -183,9 +187,9 @@ def test_changed_qc_threshold_recurates_without_prep(dataset):
     bids, out = dataset
     _write_subject(bids, "03", 10)
     _runner(bids, out, Calls()).run()
-    assert len(pd.read_parquet(out / "shards" / "index.parquet")) == 2  # sub-03 below min_snr 16
+    assert len(pd.read_parquet(out / "shards" / "index.parquet")) == 2  # sub-03 below the stand-in limit 16
     calls = Calls()
-    cfg = _cfg(qc={"t1w": {"min_snr": 5.0}})
+    cfg = _cfg(qc={"reference_z_limit": 5.0})
     plan = _runner(bids, out, calls, cfg).plan()
     assert not plan[0].run and plan[1].run and plan[1].reasons == ("its config changed",)
     _runner(bids, out, calls, cfg).run()
@@ -197,7 +201,7 @@ def test_qc_change_that_keeps_the_curation_stops_early(dataset):
     bids, out = dataset
     _runner(bids, out, Calls()).run()
     calls = Calls()
-    _runner(bids, out, calls, _cfg(qc={"t1w": {"min_snr": 17.0}})).run()
+    _runner(bids, out, calls, _cfg(qc={"reference_z_limit": 17.0 / 1.6})).run()
     # The fake QC rewrites the table with the same rows; parquet bytes are deterministic.
     assert calls.stages() == ["qc"]
 

@@ -17,6 +17,7 @@ HELP = "group QC of OUTPUT_DIR (curation table + reports), or review it: qc OUTP
 ACTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "review": ((), "serve the group report on 127.0.0.1 for rating scans"),
     "import-ratings": (("FILE",), "merge a ratings.json exported from the group report into the curation table"),
+    "refit": ((), "refit the artifact classifier with the reviewer ratings and re-decide every scan"),
 }
 
 
@@ -58,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
         return stage.run_qc(words[0], load_config(args.config), bids_dir=args.bids_dir)
     if action == "import-ratings":
         stage.import_ratings(words[0], words[1])
+        return 0
+    if action == "refit":
+        from pipeline.core.config import load_config
+
+        stage.refit_classifier(words[0], load_config(args.config))
         return 0
     server = stage.review_server(words[0], args.port)
     host, port = server.server_address[:2]

@@ -31,18 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-on-first-crash", action="store_true",
                         help="stop at the first failing node (nipype) and run no later stage after a partial one")
     parser.add_argument("--work-dir", "-w", help="nipype work folder (default OUTPUT_DIR/.work)")
-    parser.add_argument("--nprocs", type=int, help="parallel processes for preprocessing")
+    from pipeline.commands.prep import add_execution_arguments
+
+    add_execution_arguments(parser)
     parser.add_argument("--target", help="evaluation target column (default [run].evaluate_target)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Plan or run the stages; return 0, 3 (partial) or 2."""
+    from pipeline.commands.prep import execution_overrides
     from pipeline.core.config import load_config
     from pipeline.runner import StageRunner, format_summary, select_stages
 
-    overrides: dict[str, dict] = {}
-    if args.nprocs is not None:
-        overrides["execution"] = {"nprocs": args.nprocs}
+    overrides = execution_overrides(args)
     if args.stop_on_first_crash:
         overrides.setdefault("execution", {})["stop_on_first_crash"] = True
     if args.target is not None:
@@ -54,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(runner.format_plan(runner.plan(selected)))
         return 0
-    result = runner.run(selected, stop_on_first_crash=args.stop_on_first_crash)
+    from pipeline.core.parallel import dask_session
+
+    with dask_session(cfg.dask):  # one dask cluster (if any) for every stage of the run
+        result = runner.run(selected, stop_on_first_crash=args.stop_on_first_crash)
     print(format_summary(result))
     return result.exit_code

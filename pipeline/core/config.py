@@ -27,6 +27,7 @@ __all__ = [
     "AnatConfig",
     "Config",
     "ConfigError",
+    "DaskConfig",
     "ExecutionConfig",
     "TemplatesConfig",
     "config_hash",
@@ -50,15 +51,41 @@ class ExecutionConfig:
     """How the nipype graphs run.
 
     ``plugin`` is any nipype execution plugin (MultiProc, Linear, SLURM, SGE,
-    PBS, ...); ``plugin_args`` are passed to it unchanged.
+    PBS, ...); ``plugin_args`` are passed to it (``--plugin-arg`` values are
+    parsed to int, float or bool first). ``nprocs`` 0 uses every core this
+    process may use (CPU affinity, cgroup quota, ``SLURM_CPUS_ON_NODE``);
+    ``omp_nthreads`` 0 gives each node ``min(nprocs - 1, 8)`` threads (at
+    least 1), as fMRIPrep does; ``mem_gb`` 0 lets MultiProc schedule nodes
+    within 90 % of the available memory (cgroup limit or RAM), any other value
+    is that budget in GB.
     """
 
     plugin: str = "MultiProc"
-    nprocs: int = 1
-    omp_nthreads: int = 1
+    nprocs: int = 0
+    omp_nthreads: int = 0
+    mem_gb: float = 0.0
     poll_sleep_duration: float = 0.05
     stop_on_first_crash: bool = False
     plugin_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DaskConfig:
+    """Where the group-level maps run: shard writing, the group QC metrics and the group connectome.
+
+    ``scheduler`` is the address of a running ``dask scheduler``
+    (``"tcp://host:8786"``): every map goes to its workers. Without it,
+    ``local_cluster = true`` starts a dask.distributed LocalCluster of
+    ``workers`` processes (``threads_per_worker`` threads each) for the run;
+    otherwise the group QC metrics and the connectome use ``workers`` local
+    threads and shards keep ``[shards] workers``/``scheduler``. ``workers`` 0
+    is every available core.
+    """
+
+    scheduler: str = ""
+    local_cluster: bool = False
+    workers: int = 0
+    threads_per_worker: int = 1
 
 
 @dataclass(frozen=True)
@@ -221,87 +248,55 @@ class ImportConfig:
 
 @dataclass(frozen=True)
 class AnatQCThresholds:
-    """Curation rules for one anatomical modality (metrics in MNI space, 2 mm).
+    """Layer-1 (absolute) curation rules of one anatomical modality (metrics in MNI space, 2 mm).
 
-    A scan fails when ANY rule fails (Neuro-JEPA's curation). A metric that
-    cannot be computed (NaN, e.g. FBER with a zero-filled background) skips
-    its rule instead of failing it. Defaults come from the four real head
-    scans of ``../shared/data/anat`` and the artifact benchmark
-    (``benchmarks/qc_artifacts.py``, reasoning in ``benchmarks/README.md``):
-    each threshold sits well outside every clean scan yet inside the range
-    the severe artifacts reach. The subclasses below hold each modality's
-    defaults so a partial ``[qc.t2w]`` table keeps the T2w values.
+    Only what is physically unambiguous has an absolute limit: the share of
+    the template brain that has signal at all, and the contrast signature of
+    the modality (T1w: WM brighter than GM, CSF darker; T2w: CSF brighter
+    than GM, WM darker; FLAIR: WM and CSF darker than GM), read as median
+    ratios in the template's WM, GM and CSF regions (clean corpus T1w: WM/GM
+    1.12-1.46, CSF/GM 0.46-0.81; T2w: WM/GM 0.83-0.89, CSF/GM 1.06-1.16). Everything that depends
+    on scanner, field strength, resolution, age or pathology (SNR, CJV,
+    template correlation, ...) is judged against reference distributions
+    instead (layer 2, :class:`QCConfig` ``reference_z_limit``). A field
+    ``min_<metric>`` requires ``metric >= value``, ``max_<metric>``
+    ``metric <= value``; a NaN metric skips its rule. The subclasses hold
+    each modality's signature.
     """
 
-    # Template similarity inside the template brain mask: a wrong modality,
-    # failed registration, missing tissue or a dropout slab lowers these.
-    # Clean real T1w scans: correlation 0.60-0.69, NMI 1.036-1.051, PSNR 12.9-13.9.
-    min_correlation: float = 0.55
-    min_nmi: float = 1.02
-    min_psnr: float = 11.5
-    # Fraction of the template brain with signal (crops, slab dropouts);
-    # clean scans reach >= 0.998.
-    min_brain_coverage: float = 0.99
-    # MRIQC-style IQMs. Clean T1w: SNR(WM) 19.5-27.7, CNR 2.3-2.6, CJV
-    # 0.40-0.46, WM-to-max 0.59-0.85, relative N4 field range 0.07-0.15.
-    # EFC has no rule: with zero-filled backgrounds (defaced or resampled
-    # data) it moves the wrong way when noise is added, so it is reported only.
-    min_snr: float = 16.0
-    min_cnr: float = 1.5
-    max_cjv: float = 0.48
-    min_wm2max: float = 0.45
-    max_inu_range: float = 0.4
-    # Clean and mildly degraded scans: FBER >= 50; severe noise or ghosting
-    # puts signal into the air (FBER 3-14). NaN (noise-free air) skips it.
-    min_fber: float = 20.0
+    # A brain with less than 80 % of the template brain covered by signal is cropped or empty
+    # (clean corpus scans, including 5-5.5 mm stacks and a neck field of view: >= 0.94).
+    min_brain_coverage: float = 0.8
+    min_wm_gm_ratio: float = 1.0
+    max_csf_gm_ratio: float = 1.0
 
 
 @dataclass(frozen=True)
 class T1wQCThresholds(AnatQCThresholds):
-    """T1w rules (see :class:`AnatQCThresholds`)."""
+    """T1w signature: WM > GM > CSF (see :class:`AnatQCThresholds`)."""
 
 
 @dataclass(frozen=True)
-class T2wQCThresholds(AnatQCThresholds):
-    """T2w rules; compared with the T2 template (see :class:`AnatQCThresholds`).
+class T2wQCThresholds:
+    """T2w absolute rules: coverage and the signature CSF > GM > WM (see :class:`AnatQCThresholds`)."""
 
-    From the one real T2w scan (thick-slice, partial coverage): correlation
-    0.30, NMI 1.014, PSNR 12.6, coverage 0.991, SNR(WM) 4.8 (WM is the dark
-    class in T2w), CNR 2.1, CJV 0.65, WM-to-max 0.21. CJV moves down, not
-    up, with noise in T2w (the dark WM class absorbs noisy voxels), so its
-    limit is only a backstop.
-    """
-
-    min_correlation: float = 0.2
-    min_nmi: float = 1.008
-    min_psnr: float = 11.0
-    min_brain_coverage: float = 0.98
-    min_snr: float = 2.5
-    min_cnr: float = 1.2
-    max_cjv: float = 0.9
-    min_wm2max: float = 0.1
-    # The workflow's own N4 (native grid, head mask) on the real 1x1x2 mm T2w gives a relative field
-    # range of 0.43: the T1w limit of 0.4 rejected that clean scan. Severe synthetic bias reaches 0.8-0.9.
-    max_inu_range: float = 0.6
+    min_brain_coverage: float = 0.8
+    max_wm_gm_ratio: float = 1.0
+    min_csf_gm_ratio: float = 1.0
 
 
 @dataclass(frozen=True)
-class FLAIRQCThresholds(AnatQCThresholds):
-    """FLAIR rules; compared with the T2 template, as no FLAIR template exists.
+class FLAIRQCThresholds:
+    """FLAIR absolute rules: coverage and the signature "CSF darker than GM" (suppressed fluid).
 
-    No real FLAIR scan was available, so these are the T2w values: FLAIR
-    shares T2w's long-TR contrast except for the suppressed CSF.
+    No absolute WM/GM rule: on the corpus FLAIRs (NiChart, aged 76-96, many with
+    white-matter lesions) the median WM/GM ratio is 0.96-1.03, so WM vs GM does
+    not separate FLAIR from T1w physically; a T1w labelled FLAIR is left to the
+    reference (its ratio 1.1-1.5 is far from real FLAIRs) and the classifier.
     """
 
-    min_correlation: float = 0.2
-    min_nmi: float = 1.008
-    min_psnr: float = 11.0
-    min_brain_coverage: float = 0.98
-    min_snr: float = 2.5
-    min_cnr: float = 1.2
-    max_cjv: float = 0.9
-    min_wm2max: float = 0.1
-    max_inu_range: float = 0.6
+    min_brain_coverage: float = 0.8
+    max_csf_gm_ratio: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -330,13 +325,30 @@ class TimeseriesQCThresholds:
 
 @dataclass(frozen=True)
 class QCConfig:
-    """Quality control and curation.
+    """Quality control and curation, in four layers (see :mod:`qc.curation`).
 
-    ``outlier_k`` and ``outlier_min_group`` set the optional robust-outlier
-    suggestion (median +/- k*MAD per modality and site, groups of at least
-    ``outlier_min_group`` scans); it is reported beside the fixed rules and
-    never changes ``qc_pass``. ``mi_bins`` is the joint-histogram size for
-    mutual information.
+    1. Absolute rules: the ``min_``/``max_`` fields of the per-modality sections.
+    2. Reference rules: every anatomical metric is compared with its
+       distribution on real clean scans of six sources
+       (``qc/data/reference_anat.tsv``, regenerated by
+       ``benchmarks/qc_generalisation.py reference``); a scan fails when its
+       robust z (median/MAD of the reference) exceeds ``reference_z_limit`` in
+       the direction that means degradation. ``reference_table`` names
+       another table ("" = the shipped one).
+    3. Dataset outliers: robust z within each (modality, site) group of the
+       dataset being curated; reported in ``outlier_metrics`` for groups of at
+       least ``outlier_min_group`` scans, and a rule (fail above
+       ``outlier_k``) for groups of a known site with at least
+       ``outlier_rule_min_group`` scans. Sites come from the column
+       ``site_column`` of ``OUTPUT_DIR/participants.tsv``.
+    4. Classifier: gradient boosting on the reference z-scores, trained on the
+       shipped artifact table (``qc/data/classifier_training.tsv``) plus this
+       dataset's reviewer ratings, each rating repeated ``rating_weight``
+       times; a scan fails when P(artifact) >= ``classifier_threshold``.
+       ``classifier_training`` names another training table ("" = the shipped
+       one); ``classifier = false`` turns the layer off.
+
+    ``mi_bins`` is the joint-histogram size for mutual information.
     """
 
     t1w: T1wQCThresholds = field(default_factory=T1wQCThresholds)
@@ -344,8 +356,18 @@ class QCConfig:
     flair: FLAIRQCThresholds = field(default_factory=FLAIRQCThresholds)
     bold: BoldQCThresholds = field(default_factory=BoldQCThresholds)
     timeseries: TimeseriesQCThresholds = field(default_factory=TimeseriesQCThresholds)
+    reference_table: str = ""
+    # Both chosen by leave-one-source-out over the 9 sources of benchmarks/qc_generalisation.py (smallest values
+    # whose inner false-reject rate on clean + mild stays <= 0.03); see benchmarks/README.md for what they reach.
+    reference_z_limit: float = 10.0
     outlier_k: float = 3.5
     outlier_min_group: int = 5
+    outlier_rule_min_group: int = 10
+    site_column: str = "site"
+    classifier: bool = True
+    classifier_training: str = ""
+    classifier_threshold: float = 0.95
+    rating_weight: int = 20
     mi_bins: int = 64
 
 
@@ -357,16 +379,40 @@ class BoldConfig:
     signal (at most ``max_dummy_scans``); >= 0 removes exactly that many.
     Motion correction registers every volume rigidly to a median reference
     of the first ``reference_volumes`` steady-state volumes, inside the
-    reference's brain mask, each fit starting from the previous volume's, with
-    a short two-level schedule (156 volumes take about a minute on one core). Runs with a T1w are registered rigidly to it
-    and reach MNI through the anatomical transform; runs without one are
-    registered to ``epi_template`` (empty: ``SPM_OldNorm_EPI_2mm.nii.gz`` or
+    reference's brain mask, each fit starting from the previous volume's.
+    ``moco_method = "gauss_newton"`` (default) is a deterministic
+    coarse-to-fine least-squares fit: level ``k`` smooths by
+    ``moco_smoothing_sigmas[k]`` voxels, samples every
+    ``moco_shrink_factors[k]``-th voxel and runs at most
+    ``moco_iterations[k]`` Gauss-Newton steps (156 volumes: ~10-20 s on one
+    core); ``"ants"`` runs one ``ants.registration`` per volume with the same
+    schedule as ANTs shrink factors / sigmas / iterations and random metric
+    sampling at ``moco_sampling_rate`` seeded with ``random_seed`` (about 5x
+    slower). Runs with a T1w are registered rigidly to it and reach MNI
+    through the anatomical transform; runs without one are registered to
+    ``epi_template`` (empty: ``SPM_OldNorm_EPI_2mm.nii.gz`` or
     ``tpl-MNI152NLin6Asym_res-02_desc-EPI_boldref.nii.gz`` in
     ``templates.template_dir``; the bundled T2w template, with a warning,
-    when neither exists) after a centre-of-mass initialisation. Denoising
-    (``nilearn.signal.clean``) produces the ROI series only; the
-    ``desc-preproc_bold`` image stays undenoised. ``scrub_fd_threshold`` > 0
-    censors volumes above that framewise displacement (mm).
+    when neither exists) after a centre-of-mass initialisation.
+
+    Denoising produces the ROI series only (the ``desc-preproc_bold`` image
+    stays undenoised). ``denoise`` names a preset of
+    ``workflows.ops.denoise`` (nilearn ``load_confounds`` on the run's
+    fMRIPrep-style confounds, then ``nilearn.signal.clean``): ``none``,
+    ``task``, ``simple``, ``simple_gsr``, ``scrubbing``, ``scrubbing_gsr``,
+    ``compcor``, ``compcor_gsr``; ``auto`` gives ``denoise_task`` to runs
+    with an ``events.tsv`` and ``denoise_rest`` to the others. ``high_pass``
+    (Hz) sets the cosine drift terms of every preset (0: none);
+    ``low_pass`` (Hz, 0: none) low-passes every preset but ``task`` and
+    ``none``; ``motion_regressors`` (6, 12, 24; 0: none) is the motion model
+    of ``simple``/``scrubbing``/``compcor``; ``task`` keeps only those of the
+    6 motion parameters and WM/CSF means whose correlation with the
+    HRF-convolved design is at most ``task_max_design_r``. Scrubbing censors
+    volumes with FD > ``scrub_fd_threshold`` mm or standardised DVARS >
+    ``scrub_dvars_threshold`` and segments shorter than
+    ``scrub_min_segment``. ``compcor_components`` aCompCor components of the
+    combined WM + CSF mask go into the confounds TSV and the ``compcor``
+    presets.
     """
 
     min_volumes: int = 5
@@ -377,9 +423,10 @@ class BoldConfig:
     dummy_zscore: float = 3.5
     reference_volumes: int = 10
     motion_correction: bool = True
-    moco_iterations: tuple[int, ...] = (10, 10)
-    moco_shrink_factors: tuple[int, ...] = (2, 1)
-    moco_smoothing_sigmas: tuple[float, ...] = (1.0, 0.0)
+    moco_method: Literal["gauss_newton", "ants"] = "gauss_newton"
+    moco_iterations: tuple[int, ...] = (20, 4)
+    moco_shrink_factors: tuple[int, ...] = (3, 1)
+    moco_smoothing_sigmas: tuple[float, ...] = (1.5, 0.0)
     moco_sampling_rate: float = 0.3
     # Seeds ANTs' metric sampling so reruns give identical transforms.
     random_seed: int = 42
@@ -387,13 +434,21 @@ class BoldConfig:
     epi_template: str = ""
     fd_radius_mm: float = 50.0
     # Denoising of the ROI series.
+    denoise: Literal["auto", "none", "task", "simple", "simple_gsr", "scrubbing", "scrubbing_gsr",
+                     "compcor", "compcor_gsr"] = "auto"
+    denoise_task: Literal["none", "task", "simple", "simple_gsr", "scrubbing", "scrubbing_gsr",
+                          "compcor", "compcor_gsr"] = "task"
+    denoise_rest: Literal["none", "task", "simple", "simple_gsr", "scrubbing", "scrubbing_gsr",
+                          "compcor", "compcor_gsr"] = "simple"
     detrend: bool = True
-    high_pass: float = 0.01
-    low_pass: float = 0.1
+    high_pass: float = 0.008
+    low_pass: float = 0.0
     motion_regressors: Literal[0, 6, 12, 24] = 24
-    wm_csf: bool = True
-    global_signal: bool = False
-    scrub_fd_threshold: float = 0.0
+    task_max_design_r: float = 0.1
+    scrub_fd_threshold: float = 0.5
+    scrub_dvars_threshold: float = 1.5
+    scrub_min_segment: int = 5
+    compcor_components: int = 5
     standardize: bool = False
     # Tissue masks for the WM/CSF signals: erosions (2 mm voxels) of the
     # k-means classes of the (subject or template) T1w in MNI space.
@@ -415,6 +470,13 @@ class EvaluateConfig:
     averaged. ``baselines`` picks from ``fc_pearson``, ``fc_tangent``,
     ``random_encoder`` (fMRI) and ``random_encoder``, ``intensity_pca``,
     ``cnn3d`` (structural); ``threads`` is torch's CPU thread count.
+    ``readouts`` of the frozen fMRI encoder (each also applied to the random
+    encoder): ``mean`` (all tokens averaged), ``roi`` (per-ROI embeddings,
+    tokens averaged over time, R x D), ``roi_similarity`` (Fisher-z cosine
+    similarities between the ROI embeddings), ``token_similarity`` (the same
+    between the ROIs' time-resolved tokens). ``finetune_epochs`` > 0 adds
+    end-to-end fine-tuning of the encoder with a linear head on each
+    training fold (``finetune_lr`` for the encoder, 10x for the head).
     """
 
     seed: int = 0
@@ -429,6 +491,9 @@ class EvaluateConfig:
     max_windows: int = 8
     batch_size: int = 16
     attentive_probe: bool = True
+    readouts: tuple[str, ...] = ("mean", "roi", "roi_similarity", "token_similarity")
+    finetune_epochs: int = 0
+    finetune_lr: float = 0.0001
     attentive_epochs: int = 60
     attentive_lr: float = 0.003
     attentive_weight_decay: float = 0.05
@@ -467,6 +532,7 @@ class Config:
     """The whole resolved configuration."""
 
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    dask: DaskConfig = field(default_factory=DaskConfig)
     templates: TemplatesConfig = field(default_factory=TemplatesConfig)
     anat: AnatConfig = field(default_factory=AnatConfig)
     bold: BoldConfig = field(default_factory=BoldConfig)

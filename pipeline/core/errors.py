@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "InputError", "NeurocurateError"]
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_TERMINATED", "InputError", "NeurocurateError"]
 
 #: Everything done.
 EXIT_OK = 0
@@ -14,6 +14,8 @@ EXIT_ERROR = 2
 EXIT_PARTIAL = 3
 #: Stopped by Ctrl-C / SIGINT (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED = 130
+#: Stopped by SIGTERM (128 + SIGTERM), after cleaning up.
+EXIT_TERMINATED = 143
 
 
 class NeurocurateError(Exception):
@@ -25,5 +27,6 @@ class InputError(NeurocurateError):
 
     def __init__(self, path: str | Path, reason: str):
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        # one line, whatever the underlying library put into its message
+        self.reason = " ".join(str(reason).split())
+        super().__init__(f"{self.path}: {self.reason}")

@@ -15,9 +15,11 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "TangentConnectivity",
     "fc_pearson_features",
     "fc_tangent_fold",
     "fit_predict_cnn3d",
+    "geometric_mean",
     "intensity_pca_fold",
 ]
 
@@ -45,22 +47,94 @@ def fc_pearson_features(series: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def fc_tangent_fold(series: list[np.ndarray], train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Tangent-space connectivity (Varoquaux et al. 2010) with the reference fitted on ``train`` only.
+def _spd_map(fn, mats_NRR: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """``fn`` applied to the eigenvalues of every symmetric matrix (batched ``eigh``, in chunks)."""
+    out = np.empty_like(mats_NRR)
+    for s in range(0, len(mats_NRR), chunk):
+        vals, vecs = np.linalg.eigh(mats_NRR[s:s + chunk])
+        out[s:s + chunk] = (vecs * fn(vals)[:, None, :]) @ np.swapaxes(vecs, 1, 2)
+    return out
+
+
+def _sym(mats: np.ndarray) -> np.ndarray:
+    return 0.5 * (mats + np.swapaxes(mats, -1, -2))
+
+
+def geometric_mean(covs_NRR: np.ndarray, *, max_iter: int = 30, tol: float = 1e-7) -> np.ndarray:
+    """Riemannian (log-Euclidean gradient descent) mean of SPD matrices, as nilearn's tangent reference.
+
+    Same algorithm, initialisation (arithmetic mean), step halving and stopping
+    rule (``norm / R**2 < tol``) as ``nilearn.connectome.ConnectivityMeasure(kind="tangent")``,
+    with the eigendecompositions batched.
+    """
+    gmean = covs_NRR.mean(0)
+    norm_old, step = np.inf, 1.0
+    for _ in range(max_iter):
+        vals, vecs = np.linalg.eigh(gmean)
+        inv_sqrt = (vecs / np.sqrt(vals)) @ vecs.T
+        logs_mean = _spd_map(np.log, _sym(inv_sqrt @ covs_NRR @ inv_sqrt)).mean(0)
+        norm = np.linalg.norm(logs_mean)
+        lv, lvec = np.linalg.eigh(logs_mean)
+        sqrt_g = (vecs * np.sqrt(vals)) @ vecs.T
+        gmean = _sym(sqrt_g @ ((lvec * np.exp(lv * step)) @ lvec.T) @ sqrt_g)
+        if norm < norm_old:
+            norm_old = norm
+        elif norm > norm_old:
+            step /= 2.0
+            norm = norm_old
+        if norm / gmean.size < tol:
+            break
+    return gmean
+
+
+class TangentConnectivity:
+    """Tangent-space connectivity (Varoquaux et al. 2010) with the reference fitted per training fold.
 
     Covariances are Ledoit-Wolf shrunk (nilearn's default) so short runs and
-    zero-variance ROIs still give positive-definite matrices.
+    zero-variance ROIs still give positive-definite matrices; they depend on
+    one run only, so they are computed once and reused by every fold; only
+    the reference (geometric mean of the training covariances) is refitted.
+    Features equal ``ConnectivityMeasure(kind="tangent", vectorize=True,
+    discard_diagonal=True)`` fitted on the training runs (tested).
+    """
+
+    def __init__(self, series: list[np.ndarray]):
+        self.series = series
+        self._covs: np.ndarray | None = None
+
+    @property
+    def covariances(self) -> np.ndarray:
+        if self._covs is None:
+            from sklearn.covariance import LedoitWolf
+
+            self._covs = np.stack([LedoitWolf(store_precision=False).fit(np.asarray(x, dtype=np.float64)).covariance_
+                                   for x in self.series])
+        return self._covs
+
+    def fold(self, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(train features, test features) with the reference fitted on ``train``."""
+        from nilearn.connectome import sym_matrix_to_vec
+
+        covs = self.covariances
+        mean = geometric_mean(covs[train])
+        vals, vecs = np.linalg.eigh(mean)
+        whiten = (vecs / np.sqrt(vals)) @ vecs.T
+
+        def features(rows: np.ndarray) -> np.ndarray:
+            logs = _spd_map(np.log, _sym(whiten @ covs[rows] @ whiten))
+            return sym_matrix_to_vec(logs, discard_diagonal=True).astype(np.float32)
+
+        return features(np.asarray(train)), features(np.asarray(test))
+
+
+def fc_tangent_fold(series: list[np.ndarray], train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tangent-space connectivity of one fold (see :class:`TangentConnectivity`, which caches the covariances).
 
     Returns
     -------
     (train features, test features)
     """
-    from nilearn.connectome import ConnectivityMeasure
-
-    measure = ConnectivityMeasure(kind="tangent", vectorize=True, discard_diagonal=True)
-    Xtr = measure.fit_transform([np.asarray(series[i], dtype=np.float64) for i in train])
-    Xte = measure.transform([np.asarray(series[i], dtype=np.float64) for i in test])
-    return Xtr.astype(np.float32), Xte.astype(np.float32)
+    return TangentConnectivity(series).fold(train, test)
 
 
 def intensity_pca_fold(volumes_NV: np.ndarray, train: np.ndarray, test: np.ndarray, n_components: int,

@@ -16,9 +16,13 @@ see :func:`pipeline.evaluation.run.reference_gradients`); volumes cropped to
 ``anat.volume_shape`` and percentile-scaled. A run longer than one window is
 cut into up to ``max_windows`` consecutive windows whose embeddings are averaged.
 
-Embeddings: the mean over all tokens (``pooled_ND``) and, for the attentive
-probe, per-ROI tokens averaged over time patches (fMRI, ``[N, R, D]``) or the
-token grid average-pooled by 2 per axis (volumes).
+Embeddings: the mean over all tokens (``pooled_ND``) and, for the per-ROI
+readouts and the attentive probe, per-ROI tokens averaged over time patches
+(fMRI, ``[N, R, D]``) or the token grid average-pooled by 2 per axis
+(volumes); for fMRI also the similarity structure of the ROIs' time-resolved
+tokens (each ROI's ``[P, D]`` token sequence centred over time, cosine
+similarity between ROIs, averaged over windows, Fisher z): the encoder's
+analogue of a connectivity matrix, which time-pooled embeddings lose.
 
 Routing: forward hooks on every MoE router of the target encoder count, per
 MoE layer, how many tokens of each ROI went to each expert (``[R, E]``; for
@@ -38,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.atomic import atomic_path
+from pipeline.core.layout import RunLayout, ShardsLayout
 from pipeline.core.errors import InputError
 
 __all__ = ["Embeddings", "LoadedEncoder", "ShardSamples", "embed_samples", "load_encoder", "read_shard_samples"]
@@ -80,6 +85,8 @@ class Embeddings:
     pooled_ND: np.ndarray
     tokens_NRD: np.ndarray
     routing: list[np.ndarray] = field(default_factory=list)  # per MoE layer: [R, E] token counts
+    # fMRI: upper-triangle Fisher-z similarities between the ROIs' time-resolved token sequences, [N, R(R-1)/2]
+    token_similarity_NF: np.ndarray | None = None
 
 
 def load_encoder(run_dir: str | Path, *, checkpoint: str | Path | None = None, random_init: bool = False,
@@ -111,7 +118,7 @@ def load_encoder(run_dir: str | Path, *, checkpoint: str | Path | None = None, r
     run_dir = Path(run_dir)
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if path is None:
-        raise InputError(run_dir / "checkpoints", "no checkpoint in this run folder; run 'neurocurate pretrain' first")
+        raise InputError(RunLayout(run_dir).checkpoints_dir, "no checkpoint in this run folder; run 'neurocurate pretrain' first")
     payload = load_checkpoint(path)
     try:
         cfg = config_from_dict(payload["config"], where=f"{path}:config")
@@ -155,9 +162,9 @@ def read_shard_samples(shards_dir: str | Path, target: str | None, *, store: str
     try:
         probe = ShardDataset(shards_dir, LoaderConfig(window_length=0, normalization="none"), store=store, training=False)
     except ValueError as exc:  # the loader refuses an ambiguous or unknown store with a ValueError
-        raise InputError(shards_dir / "index.parquet", str(exc)) from None
+        raise InputError(ShardsLayout(shards_dir).index, str(exc)) from None
     if target is not None and target not in probe.label_columns:
-        raise InputError(shards_dir / "index.parquet", f"no label column {target!r}; labels: {probe.label_columns}")
+        raise InputError(ShardsLayout(shards_dir).index, f"no label column {target!r}; labels: {probe.label_columns}")
     # Volumes keep the loader's per-volume robust scaling (it needs no store statistics);
     # fMRI stays raw because the collator z-scores every window anyway.
     norm = "roi_robust" if probe.kind == "anat" else "none"
@@ -174,7 +181,7 @@ def read_shard_samples(shards_dir: str | Path, target: str | None, *, store: str
     index = ds.index.reset_index(drop=True)
     data = [by_id[s] for s in index["sample_id"].astype(str)]
     grads = ds.gradients_Rk.numpy() if ds.gradients_Rk is not None else None
-    fp = hashlib.sha256(("|".join(index["sample_id"].astype(str)) + _file_fingerprint(shards_dir / "index.parquet")).encode()).hexdigest()
+    fp = hashlib.sha256(("|".join(index["sample_id"].astype(str)) + _file_fingerprint(ShardsLayout(shards_dir).index)).encode()).hexdigest()
     return ShardSamples(ds.kind, ds.store, ds.roi_names, grads, data, index, fp)
 
 
@@ -211,7 +218,7 @@ def _cache_key(enc: LoadedEncoder, samples: ShardSamples, gradients_Rk: np.ndarr
         "random": enc.random_init, "seed": seed if enc.random_init else 0,
         "samples": samples.fingerprint, "store": samples.store, "max_windows": max_windows,
         "gradients": hashlib.sha256(np.ascontiguousarray(gradients_Rk).tobytes()).hexdigest() if gradients_Rk is not None else "",
-        "version": 1,
+        "version": 2,
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -239,14 +246,16 @@ def embed_samples(enc: LoadedEncoder, samples: ShardSamples, *, gradients_Rk: np
         if cache_path.is_file():
             with np.load(cache_path) as z:
                 n_layers = int(z["n_layers"])
-                return Embeddings(z["pooled"], z["tokens"], [z[f"routing{i}"] for i in range(n_layers)])
+                return Embeddings(z["pooled"], z["tokens"], [z[f"routing{i}"] for i in range(n_layers)],
+                                  z["token_similarity"] if "token_similarity" in z.files else None)
     emb = _embed_fmri(enc, samples, gradients_Rk, max_windows, batch_size, seed) if modality == "fmri" \
         else _embed_anat(enc, samples, batch_size, seed)
     if cache_path is not None:
         with atomic_path(cache_path, suffix=".npz") as tmp:
             with open(tmp, "wb") as fh:
+                extra = {"token_similarity": emb.token_similarity_NF} if emb.token_similarity_NF is not None else {}
                 np.savez(fh, pooled=emb.pooled_ND, tokens=emb.tokens_NRD, n_layers=len(emb.routing),
-                         **{f"routing{i}": r for i, r in enumerate(emb.routing)})
+                         **{f"routing{i}": r for i, r in enumerate(emb.routing)}, **extra)
     return emb
 
 
@@ -290,6 +299,7 @@ def _embed_fmri(enc: LoadedEncoder, samples: ShardSamples, gradients_Rk, max_win
     D = cfg.model.dim
     pooled = np.zeros((len(samples.data), D))
     tokens = np.zeros((len(samples.data), R, D))
+    sim = np.zeros((len(samples.data), R, R))
     n_win = np.zeros(len(samples.data))
     subjects = samples.index["subject"].astype(str).tolist()
     tasks = _tasks(samples)
@@ -305,15 +315,21 @@ def _embed_fmri(enc: LoadedEncoder, samples: ShardSamples, gradients_Rk, max_win
                 meta = _subject_meta([subjects[i] for i, _ in chunk], [tasks[i] for i, _ in chunk], cfg)
                 h_BLD = enc.encoder({"x": batch["x"], "gradients": batch["gradients"]}, None, meta).float()
                 h_BRPD = h_BLD.reshape(len(chunk), R, P, D)
-                for (i, _), h_RPD in zip(chunk, h_BRPD.numpy()):
+                z_BRF = (h_BRPD - h_BRPD.mean(2, keepdim=True)).reshape(len(chunk), R, P * D)
+                z_BRF = z_BRF / z_BRF.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                sim_BRR = (z_BRF @ z_BRF.transpose(1, 2)).numpy()
+                for (i, _), h_RPD, s_RR in zip(chunk, h_BRPD.numpy(), sim_BRR):
                     pooled[i] += h_RPD.mean((0, 1))
                     tokens[i] += h_RPD.mean(1)
+                    sim[i] += s_RR
                     n_win[i] += 1
     finally:
         counter.close()
     pooled /= n_win[:, None]
     tokens /= n_win[:, None, None]
-    return Embeddings(pooled.astype(np.float32), tokens.astype(np.float32), counter.counts)
+    iu = np.triu_indices(R, k=1)
+    token_sim = np.arctanh(np.clip((sim / n_win[:, None, None])[:, iu[0], iu[1]], -0.999999, 0.999999))
+    return Embeddings(pooled.astype(np.float32), tokens.astype(np.float32), counter.counts, token_sim.astype(np.float32))
 
 
 def _embed_anat(enc: LoadedEncoder, samples: ShardSamples, batch_size: int, seed: int) -> Embeddings:

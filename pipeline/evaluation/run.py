@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.config import EvaluateConfig, config_to_dict
-from pipeline.core.layout import RunLayout
+from pipeline.core.layout import RunLayout, ShardsLayout
+from pipeline.core.faults import crash_point
 from pipeline.core.errors import InputError
 from pipeline.evaluation.metrics import (
     higher_is_better,
@@ -128,6 +129,7 @@ def evaluate_features(specs: list[ModelSpec], y: np.ndarray, subjects: np.ndarra
     for spec in specs:
         t0 = time.perf_counter()
         oof = _oof(spec, folds, len(y), n_classes, task)
+        crash_point("evaluate.model_done")
         predictions[spec.name] = oof[tested]
         scored = score_with_intervals(y[tested], oof[tested], task, groups=subjects[tested],
                                       n_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=cfg.seed)
@@ -216,7 +218,7 @@ def reference_gradients(samples, reference_shards: str | Path | None) -> tuple[n
         ref = ShardDataset(reference_shards, LoaderConfig(window_length=0, normalization="none"), store=samples.store,
                            training=False)
     except ValueError as exc:  # the loader refuses an unknown store with a ValueError
-        raise InputError(Path(reference_shards) / "index.parquet", str(exc)) from None
+        raise InputError(ShardsLayout(reference_shards).index, str(exc)) from None
     if ref.roi_names != samples.roi_names:
         raise InputError(Path(reference_shards) / ref.store,
                          f"ROI names differ from the evaluated store {samples.store}: the run's atlas must match")
@@ -253,15 +255,42 @@ def _fold_features_spec(name: str, features: Callable[[np.ndarray, np.ndarray], 
     return ModelSpec(name, predict, True, True, description)
 
 
+_READOUT_WHAT = {
+    "mean": "mean of all tokens",
+    "roi": "per-ROI embeddings (tokens averaged over time, R x D)",
+    "roi_similarity": "Fisher-z cosine similarities between the per-ROI embeddings",
+    "token_similarity": "Fisher-z similarities between the ROIs' time-resolved token sequences",
+}
+
+
+def _readout_name(prefix: str, readout: str) -> str:
+    # "linear" keeps the name the mean-pooled probe always had.
+    return f"{prefix}_{'linear' if readout == 'mean' else readout}"
+
+
 def build_specs(samples, pretrained, random_emb, y: np.ndarray, task: str, n_classes: int,
-                cfg: EvaluateConfig) -> list[ModelSpec]:
-    """The model's probes and the configured baselines for one store."""
+                cfg: EvaluateConfig, finetune: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> list[ModelSpec]:
+    """The model's probes (one per readout, attentive, fine-tuning) and the configured baselines for one store.
+
+    ``finetune(train_rows, test_rows)``, when given, is the end-to-end
+    fine-tuning mode (see :func:`pipeline.evaluation.finetune.fit_predict_finetune`).
+    """
     from pipeline.evaluation import baselines as bl
     from pipeline.evaluation.probes import fit_predict_attentive
+    from pipeline.evaluation.readouts import READOUTS, readout_features
 
+    unknown = sorted(set(cfg.readouts) - set(READOUTS))
+    if unknown:
+        raise InputError("evaluate.readouts", f"unknown readout(s) {unknown}; known: {list(READOUTS)}")
     subjects = samples.index["subject"].astype(str).to_numpy()
-    specs = [_linear_spec("moe_jepa_linear", pretrained.pooled_ND, y, subjects, task, n_classes, cfg, False,
-                          "pretrained target encoder, mean-pooled tokens, nested-CV logistic/ridge")]
+    # Per-ROI readouts are defined on ROI tokens (fMRI); a volume's grid tokens only get the mean.
+    readouts = [r for r in READOUTS if r in cfg.readouts and (r == "mean" or samples.kind == "fmri")] or ["mean"]
+
+    def features(emb, r: str) -> np.ndarray:
+        return readout_features(r, emb.pooled_ND, emb.tokens_NRD, emb.token_similarity_NF)
+
+    specs = [_linear_spec(_readout_name("moe_jepa", r), features(pretrained, r), y, subjects, task, n_classes, cfg, False,
+                          f"pretrained target encoder, {_READOUT_WHAT[r]}, nested-CV logistic/ridge") for r in readouts]
     if cfg.attentive_probe:
         def attentive(train: np.ndarray, test: np.ndarray, tokens=pretrained.tokens_NRD) -> np.ndarray:
             return fit_predict_attentive(tokens, y, train, test, task, n_classes=n_classes, epochs=cfg.attentive_epochs,
@@ -269,17 +298,22 @@ def build_specs(samples, pretrained, random_emb, y: np.ndarray, task: str, n_cla
                                          heads=cfg.attentive_heads, seed=cfg.seed)
         specs.append(ModelSpec("moe_jepa_attentive", attentive, False, False,
                                "pretrained target encoder, cross-attention pooler on ROI/patch tokens"))
+    if finetune is not None:
+        specs.append(ModelSpec("moe_jepa_finetune", finetune, False, False,
+                               f"pretrained encoder fine-tuned end to end with a linear head ({cfg.finetune_epochs} epochs per fold)"))
     wanted = set(cfg.baselines)
     if "random_encoder" in wanted and random_emb is not None:
-        specs.append(_linear_spec("random_encoder_linear", random_emb.pooled_ND, y, subjects, task, n_classes, cfg, True,
-                                  "randomly initialised encoder of the same architecture, same linear probe"))
+        specs += [_linear_spec(_readout_name("random_encoder", r), features(random_emb, r), y, subjects, task, n_classes, cfg, True,
+                               f"randomly initialised encoder of the same architecture, {_READOUT_WHAT[r]}, same linear probe")
+                  for r in readouts]
     if samples.kind == "fmri":
         series_TR = [x.T for x in samples.data]
         if "fc_pearson" in wanted:
             specs.append(_linear_spec("fc_pearson", bl.fc_pearson_features(series_TR), y, subjects, task, n_classes, cfg,
                                       True, "Fisher-z Pearson connectivity, same linear probe"))
         if "fc_tangent" in wanted:
-            specs.append(_fold_features_spec("fc_tangent", lambda tr, te: bl.fc_tangent_fold(series_TR, tr, te), y, subjects,
+            tangent = bl.TangentConnectivity(series_TR)  # covariances computed once, reference refitted per fold
+            specs.append(_fold_features_spec("fc_tangent", tangent.fold, y, subjects,
                                              task, n_classes, cfg, "tangent-space connectivity (reference fitted per fold), same linear probe"))
     else:
         vols = _downsampled(samples.data)
@@ -333,18 +367,28 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, target: str, *, sp
         The JSON-ready results (also written to ``OUT_DIR/results.json``).
     """
     import torch
+    from threadpoolctl import threadpool_limits
 
+    torch.set_num_threads(max(1, cfg.threads))
+    # numpy/scipy BLAS threads too: OpenBLAS threads spinning on a busy machine made the tangent
+    # baseline's eigendecompositions ~90x slower than one thread (measured, issue 14).
+    with threadpool_limits(limits=max(1, cfg.threads)):
+        return _evaluate_run(run_dir, shards_dir, target, split=split, few_shot=few_shot, cfg=cfg, out_dir=out_dir,
+                             store=store, reference_shards=reference_shards, atlas_image=atlas_image, checkpoint=checkpoint)
+
+
+def _evaluate_run(run_dir, shards_dir, target: str, *, split: str, few_shot: int | None, cfg: EvaluateConfig, out_dir,
+                  store, reference_shards, atlas_image, checkpoint) -> dict[str, Any]:
     from pipeline.evaluation.embed import embed_samples, load_encoder, read_shard_samples
     from pipeline.evaluation.report import write_report
     from pipeline.evaluation.routing import network_routing, roi_networks
 
-    torch.set_num_threads(max(1, cfg.threads))
     run_dir, shards_dir = Path(run_dir), Path(shards_dir)
     out_dir = Path(out_dir) if out_dir else RunLayout(run_dir).evaluation_dir(target, split, few_shot)
     t0 = time.perf_counter()
     samples = read_shard_samples(shards_dir, target, store=store)
     if len(samples.data) == 0:
-        raise InputError(shards_dir / "index.parquet", f"no samples with a {target!r} label in store {samples.store}")
+        raise InputError(ShardsLayout(shards_dir).index, f"no samples with a {target!r} label in store {samples.store}")
     y, classes, task = encode_target(samples.index[target], target)
     if few_shot and task != "classification":
         raise InputError("--few-shot", f"few-shot evaluation needs a classification target; {target!r} is continuous")
@@ -357,7 +401,7 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, target: str, *, sp
                             split_column=samples.index["split"].astype(str).to_numpy(),
                             y=y if task == "classification" else None, k=cfg.kfold, seed=cfg.seed)
     except ValueError as exc:
-        raise InputError(shards_dir / "index.parquet", str(exc)) from None
+        raise InputError(ShardsLayout(shards_dir).index, str(exc)) from None
     gradients, grad_source = reference_gradients(samples, reference_shards)
     cache = run_dir / "embeddings"
     enc = load_encoder(run_dir, checkpoint=checkpoint)
@@ -369,7 +413,15 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, target: str, *, sp
         random_emb = embed_samples(rnd, samples, gradients_Rk=gradients, max_windows=cfg.max_windows,
                                    batch_size=cfg.batch_size, cache_dir=cache, seed=cfg.seed)
     t_embed = time.perf_counter() - t0
-    specs = build_specs(samples, pretrained, random_emb, y, task, max(len(classes), 2), cfg)
+    finetune = None
+    if cfg.finetune_epochs > 0 and samples.kind == "fmri":
+        from pipeline.evaluation.finetune import fit_predict_finetune
+
+        def finetune(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+            return fit_predict_finetune(enc, samples, gradients, y, train, test, task, n_classes=max(len(classes), 2),
+                                        epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
+                                        max_windows=cfg.max_windows, seed=cfg.seed)
+    specs = build_specs(samples, pretrained, random_emb, y, task, max(len(classes), 2), cfg, finetune=finetune)
     result = evaluate_features(specs, y, subjects, folds, task, n_classes=max(len(classes), 2), cfg=cfg, few_shot=few_shot)
     networks = roi_networks(samples.roi_names, atlas_image) if samples.kind == "fmri" else ["whole volume"]
     routing = [network_routing(c, networks if c.shape[0] == len(networks) else ["whole volume"] * c.shape[0])
@@ -385,6 +437,7 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, target: str, *, sp
         "config": config_to_dict(cfg),
     })
     table = _prediction_table(samples.index.iloc[tested], y[tested], preds, classes, task)
+    crash_point("evaluate.before_report")
     write_report(out_dir, result, table)
     return result
 

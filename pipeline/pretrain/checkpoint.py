@@ -31,7 +31,7 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
 
 
 def _steps(run_dir: str | Path) -> list[tuple[int, Path]]:
-    folder = Path(run_dir) / "checkpoints"
+    folder = RunLayout(run_dir).checkpoints_dir
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]

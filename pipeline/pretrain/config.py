@@ -52,22 +52,29 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class FMRIMaskConfig:
-    """Brain-JEPA input and spatiotemporal masking.
+    """Brain-JEPA input and spatiotemporal masking (``MaskCollator_fmri`` of Dong et al. 2024).
 
-    Scales are (low, high) fractions drawn uniformly once per batch so every
-    sample of a batch has the same token counts. ``xroi_*`` are fractions of
-    the observation block; ``edge_*`` are the cross-time / double-cross
-    blocks placed at both time edges of the observation block.
+    Scales are (low, high) fractions drawn uniformly once per batch.
+    ``obs_scale``: observation block, fraction of all ROIs and of all time
+    patches; ``xroi_*``: cross-ROI (alpha) block, fraction of all ROIs and
+    of all time patches (placed inside the observation window);
+    ``edge_roi_scale``: cross-time (beta) ROIs as a fraction of the observed
+    non-alpha ROIs and double-cross (gamma) ROIs as a fraction of the
+    unobserved and alpha ROIs; ``edge_time_scale``: patches per time edge as
+    a fraction of all patches (0 allowed: an empty edge block), drawn among
+    the first / last ``edge_zone`` fraction of the patches (Brain-JEPA: 3 of
+    10). ``gradient_dim`` gradient coordinates position the ROIs (Brain-JEPA: 30).
     """
 
     num_frames: int = 160
     patch: int = 16
-    gradient_dim: int = 3
-    obs_scale: tuple[float, ...] = (0.84, 1.0)
+    gradient_dim: int = 30
+    obs_scale: tuple[float, ...] = (0.84, 0.84)
     xroi_roi_scale: tuple[float, ...] = (0.45, 0.6)
     xroi_time_scale: tuple[float, ...] = (0.2, 0.6)
     edge_roi_scale: tuple[float, ...] = (0.15, 0.3)
     edge_time_scale: tuple[float, ...] = (0.0, 0.4)
+    edge_zone: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,10 @@ def _validate(cfg: PretrainConfig, where: str) -> PretrainConfig:
         raise ConfigError(f"{where}: model.dim / pred_dim must be divisible by heads / pred_heads")
     if m.dim % 2 or m.pred_dim % 2:
         raise ConfigError(f"{where}: model.dim and model.pred_dim must be even (half ROI, half time embedding)")
+    if not 0.0 < f.edge_zone < 0.5:
+        raise ConfigError(f"{where}: fmri.edge_zone must be in (0, 0.5), got {f.edge_zone}")
+    if f.num_frames // max(f.patch, 1) < 3:
+        raise ConfigError(f"{where}: fmri.num_frames / fmri.patch must give at least 3 time patches")
     if f.num_frames % f.patch:
         raise ConfigError(f"{where}: fmri.num_frames ({f.num_frames}) must be a multiple of fmri.patch ({f.patch})")
     if any(s % a.patch for s in a.volume_shape):

@@ -6,8 +6,9 @@ C context tokens, M target tokens, k gradient coordinates, X/Y/Z voxels.
 Masks are drawn in the collator (as in V-JEPA) from a generator seeded by
 ``(seed, step)``, so the masks of step ``s`` are the same whether or not the
 run was interrupted before it. Block sizes are drawn once per batch, block
-positions per sample, so every sample of a batch has exactly the same context
-and target token counts and the index tensors stack without trimming.
+positions per sample; a group whose size depends on the sample (fMRI beta /
+gamma / context) is cut to the batch's smallest count by a random subset, so
+the index tensors stack.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 
 from pipeline.pretrain.config import AnatMaskConfig, FMRIMaskConfig, MoEConfig
 
-__all__ = ["AnatCollator", "FMRICollator", "fmri_block_sizes", "multiscale_block_mask"]
+__all__ = ["TARGET_GROUPS", "AnatCollator", "FMRICollator", "edge_zone_patches", "fmri_block_sizes", "fmri_mask_groups",
+           "fmri_masks", "multiscale_block_mask"]
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
@@ -52,68 +54,135 @@ class _Meta:
         return {"subject": torch.tensor(subject, dtype=torch.long), "state": torch.tensor(state, dtype=torch.long)}
 
 
-def fmri_block_sizes(g: torch.Generator, R: int, N: int, cfg: FMRIMaskConfig) -> dict[str, int]:
-    """Block sizes shared by a batch (ROI counts and time-patch counts).
+def _count(size: int, lo: float, hi: float, u: float) -> int:
+    """``int(size * scale)`` for a scale ``u`` in ``[lo, hi]``, at least 1 when ``lo > 0`` (and ``size > 0``)."""
+    n = int(size * (lo + (hi - lo) * u))
+    return max(n, 1 if lo > 0 and size > 0 else 0)
 
-    Keys: ``obs_r``/``obs_t`` observation block, ``a_r``/``a_t`` cross-ROI
-    block, ``b_r`` cross-time ROIs (observed ROIs), ``c_r`` double-cross ROIs
-    (unobserved ROIs), ``left``/``right`` edge time patches of both.
+
+def edge_zone_patches(N: int, cfg: FMRIMaskConfig) -> int:
+    """Time patches at each end of the window from which cross-time / double-cross patches are drawn.
+
+    ``round(edge_zone * N)`` (Brain-JEPA: 3 of 10), at least 1 and at most
+    ``(N - 1) // 2`` so the middle patch always stays in the context.
+    """
+    return max(1, min(round(cfg.edge_zone * N), (N - 1) // 2))
+
+
+def fmri_block_sizes(g: torch.Generator, R: int, N: int, cfg: FMRIMaskConfig) -> dict[str, float | int]:
+    """Block sizes shared by a batch, drawn as in Brain-JEPA's ``MaskCollator_fmri``.
+
+    Keys: ``obs_r``/``obs_t`` observation block (ROIs, time patches),
+    ``a_r``/``a_t`` cross-ROI (alpha) block, ``left``/``right`` edge time
+    patches (possibly 0 when ``edge_time_scale`` starts at 0), and
+    ``u_left``/``u_right`` the edge ROI fractions; the cross-time (beta)
+    and double-cross (gamma) ROI counts of a side are that fraction of the
+    sample's own candidate sets (see :func:`fmri_masks`).
     """
     if R < 2 or N < 3:
         raise ValueError(f"fMRI masking needs at least 2 ROIs and 3 time patches, got {R} x {N}")
-    obs_r = min(R, max(2, round(_uniform(g, *cfg.obs_scale) * R)))
-    obs_t = min(N, max(3, round(_uniform(g, *cfg.obs_scale) * N)))
-    a_r = min(obs_r - 1, max(1, round(_uniform(g, *cfg.xroi_roi_scale) * obs_r)))
-    a_t = min(obs_t, max(1, round(_uniform(g, *cfg.xroi_time_scale) * obs_t)))
-    left = max(1, round(_uniform(g, *cfg.edge_time_scale) * obs_t / 2))
-    right = max(1, round(_uniform(g, *cfg.edge_time_scale) * obs_t / 2))
-    # Keep at least one context time patch between the two edges.
-    while left + right > obs_t - 1:
-        left, right = (left - 1, right) if left >= right else (left, right - 1)
-    rest = obs_r - a_r
-    b_r = min(rest, max(1, round(_uniform(g, *cfg.edge_roi_scale) * rest)))
-    c_r = min(R - obs_r, round(_uniform(g, *cfg.edge_roi_scale) * (R - obs_r)))
-    return {"obs_r": obs_r, "obs_t": obs_t, "a_r": a_r, "a_t": a_t, "b_r": b_r, "c_r": c_r, "left": left, "right": right}
+    obs_r = min(R, max(2, int(_uniform(g, *cfg.obs_scale) * R)))
+    obs_t = min(N, max(3, int(_uniform(g, *cfg.obs_scale) * N)))
+    a_r = min(obs_r - 1, max(1, int(_uniform(g, *cfg.xroi_roi_scale) * R)))
+    a_t = min(obs_t - 1, max(1, int(_uniform(g, *cfg.xroi_time_scale) * N)))
+    zone = edge_zone_patches(N, cfg)
+    sizes: dict[str, float | int] = {"obs_r": obs_r, "obs_t": obs_t, "a_r": a_r, "a_t": a_t, "zone": zone}
+    for side in ("left", "right"):
+        sizes[f"u_{side}"] = torch.rand(1, generator=g).item()
+        sizes[side] = min(zone, _count(N, *cfg.edge_time_scale, torch.rand(1, generator=g).item()))
+    return sizes
 
 
 def _grid_idx(rois: torch.Tensor, times: torch.Tensor, N: int) -> torch.Tensor:
     return (rois[:, None] * N + times[None, :]).reshape(-1)
 
 
-def fmri_masks(g: torch.Generator, R: int, N: int, sz: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Context and target token indices of one sample (Brain-JEPA spatiotemporal masking).
+def _pick(g: torch.Generator, pool: torch.Tensor, n: int) -> torch.Tensor:
+    return pool[torch.randperm(pool.numel(), generator=g)[:n]].sort().values
 
-    The observation block is ROIs ``O`` x time window ``W``. Cross-ROI target:
-    ROIs ``A`` (a subset of ``O``) over a sub-window of ``W``; the context drops
-    ``A`` entirely. Cross-time target: other observed ROIs at the left and right
-    edge patches of ``W``; double-cross target: unobserved ROIs at the same
-    edges; the context drops the edge patches. Context = ``(O - A)`` x the
-    inner part of ``W``, so context and targets are disjoint by construction.
+
+def fmri_mask_groups(g: torch.Generator, R: int, N: int, sz: dict, cfg: FMRIMaskConfig) -> dict[str, torch.Tensor]:
+    """Token indices of one sample per mask group (Brain-JEPA spatiotemporal masking).
+
+    * observation block: ``obs_r`` random ROIs ``O`` x ``obs_t`` consecutive time patches ``W``;
+    * ``alpha`` (cross-ROI): ``a_r`` ROIs ``A`` drawn from *all* ROIs x ``a_t``
+      consecutive patches inside ``W``; ``A`` is removed from the context;
+    * per side, ``left``/``right`` patches drawn among the first/last
+      ``zone`` patches of the window (edge blocks may be empty): ``beta``
+      (cross-time) ROIs from ``O - A``, ``gamma`` (double-cross) ROIs from
+      the unobserved ROIs together with ``A``, each the side's fraction
+      ``u`` of ``edge_roi_scale`` of its candidate set; the context loses
+      those patches for every ROI;
+    * ``context``: ``(O - A)`` x (``W`` minus the edge patches).
+
+    The context is disjoint from every target group; beta and gamma are
+    disjoint; alpha and gamma may share tokens (as in Brain-JEPA).
     """
     perm = torch.randperm(R, generator=g)
-    obs, unobs = perm[: sz["obs_r"]], perm[sz["obs_r"] :]
-    a_rois, rest = obs[: sz["a_r"]], obs[sz["a_r"] :]
-    b_rois, c_rois = rest[: sz["b_r"]], unobs[: sz["c_r"]]
+    obs, unobs = perm[: sz["obs_r"]], perm[sz["obs_r"]:]
+    alpha = torch.randperm(R, generator=g)[: sz["a_r"]]
+    keep = ~torch.isin(obs, alpha)
+    ctx_rois = obs[keep].sort().values
+    gamma_pool = torch.cat([unobs, alpha]).unique()
     t0 = _randint(g, N - sz["obs_t"] + 1)
     a0 = t0 + _randint(g, sz["obs_t"] - sz["a_t"] + 1)
-    t_end = t0 + sz["obs_t"]
-    edges = torch.cat([torch.arange(t0, t0 + sz["left"]), torch.arange(t_end - sz["right"], t_end)])
-    inner = torch.arange(t0 + sz["left"], t_end - sz["right"])
-    ctx = _grid_idx(rest.sort().values, inner, N)
-    tgt = torch.cat(
-        [
-            _grid_idx(a_rois.sort().values, torch.arange(a0, a0 + sz["a_t"]), N),
-            _grid_idx(torch.cat([b_rois, c_rois]).sort().values, edges, N),
-        ]
-    )
-    return ctx, tgt
+    out = {"alpha": _grid_idx(alpha.sort().values, torch.arange(a0, a0 + sz["a_t"]), N)}
+    edge_cols = []
+    zone = int(sz["zone"])
+    for side in ("left", "right"):
+        first = 0 if side == "left" else N - zone
+        cols = (first + torch.randperm(zone, generator=g)[: int(sz[side])]).sort().values
+        edge_cols.append(cols)
+        lo, hi = cfg.edge_roi_scale
+        u = float(sz[f"u_{side}"])
+        beta = _pick(g, ctx_rois, _count(ctx_rois.numel(), lo, hi, u))
+        gamma = _pick(g, gamma_pool, _count(gamma_pool.numel(), lo, hi, u))
+        out[f"beta_{side}"] = _grid_idx(beta, cols, N)
+        out[f"gamma_{side}"] = _grid_idx(gamma, cols, N)
+    window = torch.arange(t0, t0 + sz["obs_t"])
+    inner = window[~torch.isin(window, torch.cat(edge_cols))]
+    out["context"] = _grid_idx(ctx_rois, inner, N)
+    return out
+
+
+TARGET_GROUPS = ("alpha", "beta_left", "gamma_left", "beta_right", "gamma_right")
+
+
+def _equalise(g: torch.Generator, groups: list[dict[str, torch.Tensor]], name: str) -> list[torch.Tensor]:
+    """Random subsets of each sample's group of the batch's smallest size (Brain-JEPA truncates to it)."""
+    n = min(grp[name].numel() for grp in groups)
+    return [grp[name][torch.randperm(grp[name].numel(), generator=g)[:n]].sort().values for grp in groups]
+
+
+def fmri_masks(g: torch.Generator, R: int, N: int, sz: dict, cfg: FMRIMaskConfig | None = None,
+               batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """Context ``[B, C]`` and target ``[B, M]`` indices of ``batch`` samples, and the target count per group.
+
+    Candidate sets differ between samples (how many alpha ROIs fall in the
+    observation block), so each group is cut to the batch's smallest count
+    by a random subset; the counts of a group are then equal across the batch.
+    """
+    cfg = cfg or FMRIMaskConfig()
+    groups = [fmri_mask_groups(g, R, N, sz, cfg) for _ in range(batch)]
+    ctx = torch.stack(_equalise(g, groups, "context"))
+    parts = [_equalise(g, groups, name) for name in TARGET_GROUPS]
+    tgt = torch.stack([torch.cat([p[b] for p in parts]) for b in range(batch)])
+    counts = {name: int(p[0].numel()) for name, p in zip(TARGET_GROUPS, parts)}
+    return ctx, tgt, counts
 
 
 class FMRICollator:
     """Batch fMRI samples ``{"x": [R, T], "gradients": [R, k]?, "subject", "task"?}`` with masks.
 
     Each ROI series is cropped at a random start (or linearly resampled when
-    shorter) to ``num_frames`` and z-scored (zero-variance ROIs become 0).
+    shorter) to ``num_frames`` and z-scored per ROI over the window
+    (zero-variance ROIs become 0). This per-window normalisation is the
+    model's only one: it removes the scanner- and site-dependent amplitude
+    and keeps the ROI-to-ROI coupling (what connectivity measures). It is
+    invariant to any per-ROI affine scaling, so the store's robust
+    ``(x - median) / IQR`` statistics cannot change what the model sees; the
+    fMRI pretraining and evaluation read the shards with
+    ``normalization="none"`` (see :func:`pipeline.pretrain.train.loader_config`).
     Without ``gradients`` the ROI coordinates fall back to a cosine code of
     the ROI index, which still distinguishes ROIs for any ROI count.
     """
@@ -159,9 +228,9 @@ class FMRICollator:
         grad_BRk = torch.stack([self._gradients(s, R) for s in samples])
         N = self.cfg.num_frames // self.cfg.patch
         sizes = fmri_block_sizes(g, R, N, self.cfg)
-        self.last_sizes = sizes  # for logging and tests
-        ctx, tgt = zip(*(fmri_masks(g, R, N, sizes) for _ in samples))
-        return {"x": x_BRT, "gradients": grad_BRk, "ctx_idx": torch.stack(ctx), "tgt_idx": torch.stack(tgt), **self.meta(samples)}
+        ctx_BC, tgt_BM, counts = fmri_masks(g, R, N, sizes, self.cfg, len(samples))
+        self.last_sizes = {**sizes, **counts}  # for logging and tests
+        return {"x": x_BRT, "gradients": grad_BRk, "ctx_idx": ctx_BC, "tgt_idx": tgt_BM, **self.meta(samples)}
 
 
 def multiscale_block_mask(g: torch.Generator, grid: tuple[int, int, int], n_target: int, scales: Sequence[float]) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch import nn
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.config import config_to_dict, dump_config
 from pipeline.core.layout import RunLayout
+from pipeline.core.faults import crash_point
 from pipeline.core.errors import InputError, NeurocurateError
 from pipeline.pretrain.checkpoint import (
     checkpoint_path,
@@ -39,7 +40,7 @@ from pipeline.pretrain.config import PretrainConfig
 from pipeline.pretrain.moe import moe_stats, update_router_biases
 from pipeline.pretrain.vit import JEPA
 
-__all__ = ["SampleStream", "Trainer", "build_collator", "build_model", "lr_lambda"]
+__all__ = ["SampleStream", "Trainer", "build_collator", "build_model", "loader_config", "lr_lambda"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,22 @@ def build_collator(cfg: PretrainConfig, seed: int):
     if cfg.model.modality == "fmri":
         return FMRICollator(cfg.fmri, cfg.moe, seed)
     return AnatCollator(cfg.anat, cfg.moe, seed)
+
+
+def loader_config(cfg: PretrainConfig, seed: int | None = None):
+    """The :class:`~pipeline.core.config.LoaderConfig` a run of ``cfg`` reads its shards with.
+
+    fMRI: windows of ``fmri.num_frames`` frames, ``normalization="none"``
+    because the collator z-scores every ROI over its window (the model's one
+    normalisation, see :class:`~pipeline.pretrain.masks.FMRICollator`);
+    volumes: whole, with the loader's per-volume robust scaling.
+    """
+    from pipeline.core.config import LoaderConfig
+
+    seed = cfg.train.seed if seed is None else seed
+    if cfg.model.modality == "fmri":
+        return LoaderConfig(window_length=cfg.fmri.num_frames, seed=seed, normalization="none")
+    return LoaderConfig(window_length=0, seed=seed, normalization="roi_robust")
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -259,7 +276,7 @@ class Trainer:
         # Lines logged after the checkpoint would be logged again: drop them.
         path = RunLayout(self.run_dir).metrics
         if path.is_file():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            keep = [line for line in path.read_text().splitlines() if _logged_step(line) <= self.step]
             atomic_write_text(path, "".join(f"{line}\n" for line in keep))
 
     # ------------------------------------------------------------------ steps
@@ -307,7 +324,9 @@ class Trainer:
         stop = t.max_steps if max_steps is None else max_steps
         history: list[dict[str, float]] = []
         bar = None
-        if self.progress and self.rank == 0:
+        from pipeline.core.progress import progress_enabled
+
+        if self.progress and self.rank == 0 and progress_enabled():  # only on a terminal, not under --no-progress
             from tqdm.auto import tqdm
 
             bar = tqdm(total=stop, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
@@ -317,6 +336,7 @@ class Trainer:
             batch = self.next_batch()
             tokens += batch["x"].shape[0] * (batch["ctx_idx"].shape[1] + batch["tgt_idx"].shape[1]) * self.world
             logs = self.train_step(batch)
+            crash_point("pretrain.step")
             history.append({"step": self.step, **logs})
             if bar is not None:
                 bar.update(1)
@@ -327,12 +347,22 @@ class Trainer:
                 tick, tokens = time.perf_counter(), 0
             if t.checkpoint_every > 0 and (self.step % t.checkpoint_every == 0 or self.step == stop):
                 self.save()
+                crash_point("pretrain.checkpoint_saved")
         if bar is not None:
             bar.close()
         return history
 
     def _log(self, record: dict[str, Any]) -> None:
+        """Append one line to ``metrics.jsonl`` (rank 0)."""
         if self.rank != 0:
             return
         with open(RunLayout(self.run_dir).metrics, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def _logged_step(line: str) -> float:
+    """The step of one ``metrics.jsonl`` line; a line cut short by a kill counts as after every checkpoint."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

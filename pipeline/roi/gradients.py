@@ -50,11 +50,13 @@ __all__ = [
     "Embedding",
     "affinity_matrix",
     "align_gradients",
+    "average_fisher_z",
     "diffusion_map",
     "group_connectome",
     "procrustes_rotation",
     "read_gradients",
     "run_correlation",
+    "run_fisher_z",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,48 @@ def run_correlation(series_TR: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
     return np.clip(corr, -1.0, 1.0)
 
 
+def run_fisher_z(series_TR: np.ndarray) -> np.ndarray:
+    """Fisher z of one run's ROI correlation (NaN for constant ROIs); the per-run part of :func:`group_connectome`."""
+    return np.arctanh(np.clip(run_correlation(series_TR), -_R_CLIP, _R_CLIP))
+
+
+def average_fisher_z(z_runs: Sequence[np.ndarray], subjects: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Group connectome from per-run Fisher z matrices (:func:`run_fisher_z`), runs of a subject first.
+
+    Parameters
+    ----------
+    z_runs : sequence of ndarray, shape (R, R)
+    subjects : sequence of str
+        Subject of each run.
+
+    Returns
+    -------
+    conn_RR, n_RR : ndarray
+        As :func:`group_connectome`.
+    """
+    if not len(z_runs):
+        raise ValueError("no runs to average")
+    n_rois = z_runs[0].shape[0]
+    per_subject: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for z, subject in zip(z_runs, subjects, strict=True):
+        if z.shape != (n_rois, n_rois):
+            raise ValueError(f"run of {subject} has {z.shape[0]} ROIs, expected {n_rois}")
+        ok = np.isfinite(z)
+        total, count = per_subject.get(subject, (np.zeros((n_rois, n_rois)), np.zeros((n_rois, n_rois))))
+        per_subject[subject] = (total + np.where(ok, z, 0.0), count + ok)
+    z_sum = np.zeros((n_rois, n_rois))
+    n_sub = np.zeros((n_rois, n_rois), dtype=np.int64)
+    for total, count in per_subject.values():
+        seen = count > 0
+        z_sum[seen] += total[seen] / count[seen]
+        n_sub += seen
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conn = np.tanh(z_sum / n_sub)
+    conn[n_sub == 0] = np.nan
+    np.fill_diagonal(conn, np.where(np.diag(n_sub) > 0, 1.0, np.nan))
+    return conn, n_sub
+
+
 def group_connectome(runs: Sequence[np.ndarray], subjects: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean (Fisher z) correlation matrix over runs, runs of a subject first.
 
@@ -110,25 +154,10 @@ def group_connectome(runs: Sequence[np.ndarray], subjects: Sequence[str] | None 
         raise ValueError("no runs to average")
     subjects = list(subjects) if subjects is not None else [str(i) for i in range(len(runs))]
     n_rois = runs[0].shape[1]
-    per_subject: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for series, subject in zip(runs, subjects):
         if series.shape[1] != n_rois:
             raise ValueError(f"run of {subject} has {series.shape[1]} ROIs, expected {n_rois}")
-        z = np.arctanh(np.clip(run_correlation(series), -_R_CLIP, _R_CLIP))
-        ok = np.isfinite(z)
-        total, count = per_subject.get(subject, (np.zeros((n_rois, n_rois)), np.zeros((n_rois, n_rois))))
-        per_subject[subject] = (total + np.where(ok, z, 0.0), count + ok)
-    z_sum = np.zeros((n_rois, n_rois))
-    n_sub = np.zeros((n_rois, n_rois), dtype=np.int64)
-    for total, count in per_subject.values():
-        seen = count > 0
-        z_sum[seen] += total[seen] / count[seen]
-        n_sub += seen
-    with np.errstate(invalid="ignore", divide="ignore"):
-        conn = np.tanh(z_sum / n_sub)
-    conn[n_sub == 0] = np.nan
-    np.fill_diagonal(conn, np.where(np.diag(n_sub) > 0, 1.0, np.nan))
-    return conn, n_sub
+    return average_fisher_z([run_fisher_z(series) for series in runs], subjects)
 
 
 def affinity_matrix(conn_RR: np.ndarray, sparsity: float = 0.9, kernel: str = "normalized_angle") -> np.ndarray:

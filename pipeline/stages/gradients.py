@@ -15,11 +15,19 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.atomic import atomic_write_text
-from pipeline.core.config import Config, GradientsConfig
+from pipeline.core.config import Config, DaskConfig, GradientsConfig
 from pipeline.core.console import USER_LOG
 from pipeline.core.errors import InputError, NeurocurateError
+from pipeline.core.faults import crash_point
 from pipeline.core.layout import OutputLayout
-from pipeline.roi.gradients import affinity_matrix, align_gradients, diffusion_map, group_connectome, read_gradients
+from pipeline.roi.gradients import (
+    affinity_matrix,
+    align_gradients,
+    average_fisher_z,
+    diffusion_map,
+    read_gradients,
+    run_fisher_z,
+)
 
 __all__ = ["GradientResult", "build_group_gradients", "curated_atlases", "find_curated_series", "resolve_atlas",
            "run_gradients"]
@@ -71,7 +79,7 @@ def resolve_atlas(output_dir: str | Path, cfg: Config, atlas: str | None = None)
 def run_gradients(output_dir: str | Path, cfg: Config, *, atlas: str | None = None) -> "GradientResult":
     """Build and write the group gradients of the curated ROI series of one atlas (see :func:`resolve_atlas`)."""
     name = resolve_atlas(output_dir, cfg, atlas)
-    result = build_group_gradients(output_dir, name, cfg.gradients)
+    result = build_group_gradients(output_dir, name, cfg.gradients, dask=cfg.dask)
     var = ", ".join(f"{v:.3f}" for v in result.variance_explained[:3])
     USER_LOG.info(f"{result.tsv}: {len(result.roi_names)} ROIs x {result.gradients_RK.shape[1]} gradients from "
                   f"{len(result.subjects)} subject(s); variance explained g1-g3: {var}")
@@ -138,7 +146,14 @@ class GradientResult:
     subjects: tuple[str, ...]
 
 
-def build_group_gradients(output_dir: str | Path, atlas_name: str, cfg: GradientsConfig = GradientsConfig()) -> GradientResult:
+def _run_z(path: Path) -> tuple[np.ndarray, list[str]]:
+    """Fisher z connectome of one ROI series file and its ROI names (one task of the group connectome)."""
+    series, cols = _read_series_tsv(path)
+    return run_fisher_z(series), cols
+
+
+def build_group_gradients(output_dir: str | Path, atlas_name: str, cfg: GradientsConfig = GradientsConfig(),
+                          *, dask: DaskConfig | None = None, workers: int = 0) -> GradientResult:
     """Group gradients from the curated ROI series of one atlas.
 
     Writes ``OUTPUT_DIR/gradients/atlas-<name>_gradients.tsv`` (rows = ROIs
@@ -152,6 +167,10 @@ def build_group_gradients(output_dir: str | Path, atlas_name: str, cfg: Gradient
         When there are no (or too few) curated series for the atlas.
     InputError
         When a series file is unreadable or has different ROIs than the others.
+
+    The per-run connectomes are computed in parallel (:func:`pipeline.core.parallel.parallel_map`: ``workers``
+    local threads, 0 = every core, or the dask cluster of ``dask``) and averaged in file order, so the result
+    does not depend on where they ran.
     """
     from pipeline.core.derivatives import parse_name
 
@@ -159,20 +178,26 @@ def build_group_gradients(output_dir: str | Path, atlas_name: str, cfg: Gradient
     files = find_curated_series(output_dir, atlas_name)
     if not files:
         raise NeurocurateError(f"{output_dir}: no curated ROI series for atlas {atlas_name!r} (*_atlas-{atlas_name}_timeseries.tsv)")
-    runs, subjects, names = [], [], None
-    for path in files:
-        series, cols = _read_series_tsv(path)
+    from pipeline.core.parallel import MapError, parallel_map
+
+    subjects = [parse_name(path)[0].get("sub", path.name) for path in files]
+    n_subjects = len(set(subjects))
+    if n_subjects < cfg.min_subjects:
+        raise NeurocurateError(f"{output_dir}: {n_subjects} subject(s) for atlas {atlas_name!r}, need {cfg.min_subjects}")
+    runs, names = [], None
+    for path, result in zip(files, parallel_map(_run_z, files, workers=workers, dask=dask, catch=(InputError,),
+                                                 progress="connectome", unit="run")):
+        if isinstance(result, MapError):
+            raise NeurocurateError(result.message)
+        z, cols = result
         if names is None:
             names = cols
         elif cols != names:
             raise InputError(path, f"ROI columns differ from {files[0].name}")
-        runs.append(series)
-        subjects.append(parse_name(path)[0].get("sub", path.name))
-    n_subjects = len(set(subjects))
-    if n_subjects < cfg.min_subjects:
-        raise NeurocurateError(f"{output_dir}: {n_subjects} subject(s) for atlas {atlas_name!r}, need {cfg.min_subjects}")
+        runs.append(z)
+        crash_point("gradients.run_read")
     LOG.info("group connectome of atlas %s: %d run(s) from %d subject(s)", atlas_name, len(runs), n_subjects)
-    conn, n_sub = group_connectome(runs, subjects)
+    conn, n_sub = average_fisher_z(runs, subjects)
     keep = np.all(n_sub > 0, axis=1)
     if keep.sum() <= cfg.n_components:
         raise NeurocurateError(f"only {int(keep.sum())} ROIs with data; need more than n_components={cfg.n_components}")
@@ -215,6 +240,7 @@ def build_group_gradients(output_dir: str | Path, atlas_name: str, cfg: Gradient
     }
     sidecar_path = layout.gradients_json(atlas_name)
     atomic_write_text(sidecar_path, json.dumps(sidecar, indent=2) + "\n")
+    crash_point("gradients.sidecar_written")
     atomic_write_text(out_tsv, "\n".join(lines) + "\n")
     return GradientResult(out_tsv, sidecar_path, tuple(names), grads, emb.eigenvalues, emb.variance_explained, tuple(sorted(set(subjects))))
 

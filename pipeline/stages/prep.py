@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.core.atomic import atomic_write_text
@@ -26,7 +26,8 @@ from pipeline.core.derivatives import write_dataset_description
 from pipeline.core.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
 from pipeline.core.layout import OutputLayout
 
-__all__ = ["CrashRecord", "collect_crashes", "failed_subjects", "nipype_plugin_args", "refresh_descriptions", "run_prep"]
+__all__ = ["CrashRecord", "collect_crashes", "ensure_login_name", "failed_subjects", "nipype_plugin_args",
+           "refresh_descriptions", "run_prep"]
 
 LOG = logging.getLogger(__name__)
 
@@ -40,12 +41,86 @@ class CrashRecord:
 
 
 def nipype_plugin_args(cfg: Config) -> dict:
-    """Arguments for the configured nipype plugin; ``execution.plugin_args`` win."""
-    ex = cfg.execution
+    """Arguments for the configured nipype plugin; ``execution.plugin_args`` win.
+
+    MultiProc gets ``n_procs`` and ``memory_gb`` (a node waits until its ``mem_gb`` fits); the automatic
+    values (0) of ``[execution]`` are resolved for this machine first (:func:`pipeline.core.parallel.resolve_execution`).
+    """
+    from pipeline.core.parallel import resolve_execution
+
+    ex = resolve_execution(cfg.execution)
     args: dict = {}
-    if ex.plugin == "MultiProc":
-        args = {"n_procs": ex.nprocs, "raise_insufficient": False}
+    if ex.plugin in ("MultiProc", "LegacyMultiProc"):
+        args = {"n_procs": ex.nprocs, "memory_gb": ex.mem_gb, "raise_insufficient": False}
     return {**args, **ex.plugin_args}
+
+
+def ensure_login_name() -> None:
+    """Set ``LOGNAME`` from the password database when it is unset.
+
+    nipype's SLURM, SGE, PBS, LSF, OAR and Condor plugins name every job after ``os.environ["LOGNAME"]`` and
+    die with ``KeyError: 'LOGNAME'`` where it is missing (containers, CI, cron).
+    """
+    if os.environ.get("LOGNAME"):
+        return
+    try:
+        import pwd
+
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        import getpass
+
+        try:
+            name = getpass.getuser()
+        except Exception:
+            name = f"uid{os.getuid()}"
+    os.environ["LOGNAME"] = name
+
+
+_SCAN_WF_RE = re.compile(r"^(.*?\.(?:anat|bold)_[^.]+_wf)(?:\.|$)")
+
+
+class _ScanProgress:
+    """nipype ``status_callback``: counts scans whose nodes all finished, and scans with a failed node."""
+
+    def __init__(self, wf, n_scans: int):
+        from nipype.interfaces.utility import IdentityInterface
+
+        from pipeline.core.progress import Progress
+
+        self.nodes_left: dict[str, set[str]] = {}
+        try:
+            for node in wf._create_flat_graph().nodes():
+                if isinstance(node.interface, IdentityInterface):  # nipype drops these before running
+                    continue
+                key = self._scan_of(node.fullname)
+                if key:
+                    self.nodes_left.setdefault(key, set()).add(node.fullname)
+        except Exception as exc:  # progress must never cost the run
+            LOG.debug("no per-scan progress: %s", exc)
+        self.failed: set[str] = set()
+        self.bar = Progress("prep", total=len(self.nodes_left) or n_scans, unit="scan")
+
+    @staticmethod
+    def _scan_of(fullname: str) -> str | None:
+        match = _SCAN_WF_RE.match(fullname)
+        return match.group(1) if match else None
+
+    def __call__(self, node, status: str) -> None:
+        try:
+            key = self._scan_of(node.fullname)
+            if key is None or key not in self.nodes_left or key in self.failed:
+                return
+            left = self.nodes_left[key]
+            if status == "exception":
+                self.failed.add(key)
+                self.bar.update(1, failed=True)
+            elif status == "end" and node.fullname in left:
+                left.discard(node.fullname)
+                if not left:
+                    self.bar.update(1)
+        except Exception as exc:  # pragma: no cover - progress must never cost the run
+            LOG.debug("progress callback: %s", exc)
 
 
 _NODE_RE = re.compile(r"^Node:\s*(\S+)", re.MULTILINE)
@@ -196,7 +271,11 @@ def run_prep(
     if not subjects:
         USER_LOG.error(f"neurocurate prep: no subject could be processed; see {OutputLayout(output_dir).logs_dir}")
         return EXIT_ERROR
-    wf = init_neurocurate_wf(subjects=subjects, output_dir=output_dir, work_dir=work_dir, cfg=cfg)
+    from pipeline.core.parallel import resolve_execution
+
+    run_cfg = replace(cfg, execution=resolve_execution(cfg.execution))
+    ensure_login_name()
+    wf = init_neurocurate_wf(subjects=subjects, output_dir=output_dir, work_dir=work_dir, cfg=run_cfg)
     wf.config["execution"].update({
         "crashdump_dir": str(crash_dir),
         "crashfile_format": "txt",
@@ -205,15 +284,24 @@ def run_prep(
         "remove_unnecessary_outputs": False,
     })
     n_scans = sum(len(s.anat) + len(s.bold) for s in subjects.values())
-    USER_LOG.info(f"neurocurate prep: {len(subjects)} subject(s), {n_scans} scan(s); work dir {work_dir}")
+    ex = run_cfg.execution
+    plugin_args = nipype_plugin_args(run_cfg)
+    where = (f"{ex.nprocs} process(es) x {ex.omp_nthreads} thread(s), {ex.mem_gb:g} GB"
+             if ex.plugin in ("MultiProc", "LegacyMultiProc") else f"plugin {ex.plugin}")
+    USER_LOG.info(f"neurocurate prep: {len(subjects)} subject(s), {n_scans} scan(s); {where}; work dir {work_dir}")
     started = time.time() - 1.0
     failed = False
+    progress = _ScanProgress(wf, n_scans)
+    if not ex.plugin.endswith("Graph") and "status_callback" not in plugin_args:
+        plugin_args = {**plugin_args, "status_callback": progress}
     try:
-        wf.run(plugin=cfg.execution.plugin, plugin_args=nipype_plugin_args(cfg))
+        wf.run(plugin=ex.plugin, plugin_args=plugin_args)
     except RuntimeError as exc:
         # nipype raises this after the graph ran when any node failed.
         LOG.debug("nipype: %s", exc)
         failed = True
+    finally:
+        progress.bar.close()
     crashes = collect_crashes(crash_dir, started)
     for rec in crashes:
         path = _publish_crash(output_dir, rec)

@@ -11,10 +11,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.config import LoaderConfig
 from pipeline.core.console import USER_LOG
 from pipeline.core.errors import InputError
-from pipeline.core.layout import RunLayout, ShardsLayout
+from pipeline.core.layout import RunLayout, ShardsLayout, store_gradients
 
 __all__ = ["PretrainResult", "run_pretrain"]
 
@@ -84,7 +83,7 @@ def run_pretrain(
     import torch
 
     from pipeline.pretrain.config import load_pretrain_config
-    from pipeline.pretrain.train import Trainer
+    from pipeline.pretrain.train import Trainer, loader_config
     from pipeline.store.loader import ShardDataset
 
     cfg = load_pretrain_config(config)
@@ -99,7 +98,7 @@ def run_pretrain(
     dist_device = _init_distributed()
     try:
         fmri = cfg.model.modality == "fmri"
-        loader_cfg = LoaderConfig(window_length=cfg.fmri.num_frames if fmri else 0, seed=cfg.train.seed)
+        loader_cfg = loader_config(cfg)  # the window and normalisation the model expects
         store = store or (None if fmri else "anat")
         try:
             dataset = ShardDataset(shards_dir, loader_cfg, store=store, split=None if split == "all" else split,
@@ -111,6 +110,12 @@ def run_pretrain(
                                          f"model.modality={cfg.model.modality!r}")
         if len(dataset.index) == 0:
             raise InputError(shards_dir, f"store {dataset.store!r} has no samples in split {split!r}")
+        grads = getattr(dataset, "gradients_Rk", None)
+        if fmri and grads is not None and grads.shape[1] < cfg.fmri.gradient_dim:
+            raise InputError(store_gradients(ShardsLayout(shards_dir).store_dir(dataset.store)),
+                             f"holds {grads.shape[1]} gradient coordinates per ROI but the pretraining config "
+                             f"needs fmri.gradient_dim = {cfg.fmri.gradient_dim}; rerun `neurocurate gradients` with "
+                             f"--n-components {cfg.fmri.gradient_dim} and `neurocurate shards`, or lower gradient_dim")
         trainer = Trainer(cfg, dataset, run.root, device=dist_device or device, resume=resume and not fresh,
                           progress=progress)
         history = trainer.fit(max_steps)

@@ -1,7 +1,8 @@
 """Stage ``qc``: group QC of whatever derivatives OUTPUT_DIR holds, and the reviewer's actions on it.
 
 Entry points: :func:`run_qc` (metrics, curation table, subject and group reports), :func:`import_ratings`
-(merge ratings exported from the offline report) and :func:`review_server` (the 127.0.0.1 review server).
+(merge ratings exported from the offline report), :func:`refit_classifier` (learn from the reviewer's ratings)
+and :func:`review_server` (the 127.0.0.1 review server).
 QC works on the derivatives alone (preprocessed scans, ROI series, imported series): a BIDS folder is
 only checked when one is given (the BIDS-App ``group`` level).
 """
@@ -16,7 +17,7 @@ from pipeline.core.config import Config, load_config
 from pipeline.core.console import USER_LOG
 from pipeline.core.layout import OutputLayout
 
-__all__ = ["RatingsImport", "import_ratings", "review_server", "run_qc"]
+__all__ = ["RatingsImport", "import_ratings", "refit_classifier", "review_server", "run_qc"]
 
 LOG = logging.getLogger(__name__)
 
@@ -101,3 +102,50 @@ def review_server(output_dir: str | Path, port: int = 8765):
     from qc.review import make_server
 
     return make_server(Path(output_dir), port)
+
+def refit_classifier(output_dir: str | Path, cfg: Config):
+    """Refit the classifier with this dataset's reviewer ratings and re-decide every scan.
+
+    Reads the curation table and ``ratings.json`` of ``output_dir``, refits the
+    layer-4 classifier (shipped training table + rated scans), recomputes the
+    decisions of all layers from the stored metrics (no image is read again),
+    and rewrites the table and the group report.
+
+    Parameters
+    ----------
+    output_dir : path
+        OUTPUT_DIR with a curation table (``neurocurate prep ... group``).
+    cfg : pipeline.core.config.Config
+
+    Returns
+    -------
+    pandas.DataFrame
+        The new curation table.
+    """
+    import pandas as pd
+
+    from pipeline.core.layout import CURATION_ENTITY_COLUMNS, curation_metric_columns
+    from qc.classifier import rating_rows
+    from qc.curation import build_table, read_table, write_table
+    from qc.group import crash_log_subjects, write_group_report
+    from qc.review import load_ratings
+
+    output_dir = Path(output_dir)
+    table = read_table(output_dir)
+    ratings = load_ratings(output_dir)
+    n_rated = len(rating_rows(table, ratings))
+    if n_rated == 0:
+        USER_LOG.warning(f"{output_dir}: no ratings of anatomical scans; the classifier keeps its shipped training")
+    records = []
+    metric_cols = curation_metric_columns(table.columns)
+    for _, row in table.iterrows():
+        rec = {c: row[c] for c in CURATION_ENTITY_COLUMNS}
+        rec.update({m: float(row[m]) for m in metric_cols if pd.notna(row[m])})
+        records.append(rec)
+    new = build_table(records, cfg.qc, ratings)
+    write_table(new, output_dir)
+    write_group_report(output_dir, new, cfg, sorted(crash_log_subjects(output_dir)))
+    before = dict(zip(table["path"], table["qc_pass"], strict=True))
+    changed = sum(bool(before.get(p)) != bool(q) for p, q in zip(new["path"], new["qc_pass"], strict=True))
+    USER_LOG.info("classifier refitted with %d rated scans; %d automatic decisions changed", n_rated, changed)
+    return new

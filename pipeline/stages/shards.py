@@ -30,8 +30,11 @@ def run_shards(output_dir: str | Path, cfg: Config, *, shards_dir: str | Path | 
 
     Writes the stores and ``SHARDS_DIR/index.parquet`` (only what changed) and the resolved config next to them.
     """
+    from pipeline.core.parallel import dask_session
+
     target = resolve_shards_dir(output_dir, cfg, shards_dir)
-    index = build_shards(output_dir, target, cfg.shards)
+    with dask_session(cfg.dask):  # shards go to the [dask] cluster when one is configured
+        index = build_shards(output_dir, target, cfg.shards)
     write_resolved_config(cfg, target)
     counts = index.groupby(["store", "split"]).size().unstack(fill_value=0)
     USER_LOG.info(f"{len(index)} samples in {index['store'].nunique()} store(s) -> {ShardsLayout(target).index}")

@@ -118,6 +118,8 @@ def collect_samples(output_dir: str | Path, cfg: ShardsConfig = ShardsConfig()) 
         raise InputError(cur_path, f"unknown modality value(s) {sorted(bad)}")
     qc_columns = [c for c in cur.columns if c not in CURATION_NON_METRIC_COLUMNS] + [c for c in ("qc_pass", "override") if c in cur]
     cur = cur[cur["include"].fillna(False).astype(bool)].copy()
+    # A preprocessed BOLD run is curated as a scan, but its sample in the shards is its ROI series (own row).
+    cur = cur[cur["modality"] != "bold"]
     for col in ("session", "task", "acq", "run", "site"):
         cur[col] = cur[col].map(_clean) if col in cur else ""
     cur["subject"] = cur["subject"].astype(str).str.removeprefix("sub-")

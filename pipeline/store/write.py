@@ -50,9 +50,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.core.atomic import atomic_path, atomic_write_text
+from pipeline.core.atomic import atomic_dir, atomic_path, atomic_write_text
 from pipeline.core.config import ShardsConfig
 from pipeline.core.errors import InputError, NeurocurateError
+from pipeline.core.faults import crash_point
 from pipeline.core.layout import (
     CATALOG_NAME,
     INDEX_NAME,
@@ -269,6 +270,7 @@ def _write_shard(job: _ShardJob, read_sample: ReadSample) -> list[dict[str, Any]
             )
             arr[...] = values
         os.replace(tmp, final)
+        crash_point("shards.shard_published")
     except OSError as exc:
         # A full disk or a lost mount: nothing was published, so the store and the index stay as they were.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -297,12 +299,15 @@ def _remove_unpublished(store_dir: Path, catalog: pd.DataFrame) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 def _run_jobs(jobs: list[_ShardJob], read_sample: ReadSample, cfg: ShardsConfig) -> list[list[dict[str, Any]]]:
-    if cfg.workers <= 1 or len(jobs) <= 1 or cfg.scheduler == "synchronous":
-        return [_write_shard(job, read_sample) for job in jobs]
-    import dask
+    """Write the shards of ``jobs``: on the dask cluster of the enclosing ``dask_session`` (``[dask]``) when
+    there is one, else ``cfg.workers`` local threads/processes (one shard per task)."""
+    from functools import partial
 
-    tasks = [dask.delayed(_write_shard)(job, read_sample) for job in jobs]
-    return list(dask.compute(*tasks, scheduler=cfg.scheduler, num_workers=cfg.workers))
+    from pipeline.core.parallel import parallel_map
+
+    workers = 1 if cfg.scheduler == "synchronous" else max(1, cfg.workers)
+    return parallel_map(partial(_write_shard, read_sample=read_sample), jobs, workers=workers,
+                        backend=cfg.scheduler, progress="shards", unit="shard")
 
 def _store_attributes(samples: pd.DataFrame, kind: str, cfg: ShardsConfig, roi_names: list[str] | None,
                       gradient_columns: list[str] | None) -> dict[str, Any]:
@@ -366,6 +371,7 @@ def _write_store(samples: pd.DataFrame, store_dir: Path, cfg: ShardsConfig, read
         catalog = pd.concat([catalog, new[_LOCATION_COLUMNS]], ignore_index=True)
         with atomic_path(store_dir / CATALOG_NAME) as tmp:
             catalog.to_parquet(tmp, index=False)
+        crash_point("shards.catalog_published")
     elif meta_path.exists():
         # Attributes that may change without touching shards (gradient columns) are refreshed.
         _write_json_node(store_dir, _store_attributes(samples, kind, cfg, roi_names, grad_cols))
@@ -379,17 +385,11 @@ def _write_gradients(store_dir: Path, gradients: pd.DataFrame, cfg: ShardsConfig
     import zarr
 
     values = gradients.drop(columns="roi").to_numpy(dtype=np.float32)
-    target = store_gradients(store_dir)
-    tmp = store_dir / f".gradients.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    arr = zarr.create_array(str(tmp), shape=values.shape, dtype=values.dtype, chunks=values.shape,
-                            attributes={"columns": [c for c in gradients.columns if c != "roi"]})
-    arr[...] = values
-    old = store_dir / f".gradients.old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    # One rename publishes the new array (pipeline.core.atomic.atomic_dir): a loader never sees it missing.
+    with atomic_dir(store_gradients(store_dir)) as tmp:
+        arr = zarr.create_array(str(tmp), shape=values.shape, dtype=values.dtype, chunks=values.shape,
+                                attributes={"columns": [c for c in gradients.columns if c != "roi"]}, overwrite=True)
+        arr[...] = values
 
 def _write_norm_stats(store_dir: Path, index: pd.DataFrame) -> None:
     """Per-ROI median and IQR over sampled frames of the training split."""
@@ -487,6 +487,7 @@ def write_shards(samples: pd.DataFrame, shards_dir: str | Path, cfg: ShardsConfi
         for store in sorted(pd.unique(index.get("store", pd.Series(dtype=str)))):
             if (index.loc[index["store"] == store, "kind"] == "fmri").any():
                 _write_norm_stats(shards_dir / store, index)
+                crash_point("shards.norm_written")
         if "source_path" in index:
             # Absolute paths of this machine do not belong in a portable index.
             index = index.drop(columns=[c for c in ("path", "mask_path") if c in index])
@@ -500,6 +501,11 @@ def _write_index(shards_dir: Path, index: pd.DataFrame, label_columns: list[str]
     front = ["sample_id", "store", "kind", "shard", "position", "offset", "length", "subject", "split"]
     index = index[[c for c in front if c in index] + [c for c in index.columns if c not in front]]
     index = index.sort_values(["store", "shard", "position"]).reset_index(drop=True)
+    # One dtype for text columns whichever way they arrived (built now, or read back from a catalog), so
+    # an incremental rerun writes the same bytes as a fresh one.
+    for col in index.columns:
+        if index[col].dtype == object and index[col].map(lambda v: isinstance(v, str) or v is None or v != v).all():
+            index[col] = index[col].astype("str")
     table = pa.Table.from_pandas(index, preserve_index=False)
     meta = {"label_columns": label_columns, "qc_columns": qc_columns, "stores": sorted(pd.unique(index["store"]))}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), _INDEX_META_KEY: json.dumps(meta).encode()})

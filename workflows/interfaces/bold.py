@@ -26,6 +26,7 @@ from nipype.interfaces.base import (
 __all__ = [
     "BoldConfounds",
     "BoldReference",
+    "DesignRegressor",
     "MotionCorrection",
     "NonSteadyState",
     "ParcellateDenoise",
@@ -146,9 +147,10 @@ class _MotionCorrectionInputSpec(BaseInterfaceInputSpec):
     ref_file = File(exists=True, mandatory=True)
     mask_file = File(exists=True, mandatory=True)
     enabled = traits.Bool(True, usedefault=True, desc="False: identity transforms, zero motion")
-    iterations = traits.List(traits.Int, [10, 10], usedefault=True)
-    shrink_factors = traits.List(traits.Int, [2, 1], usedefault=True)
-    smoothing_sigmas = traits.List(traits.Float, [1.0, 0.0], usedefault=True)
+    method = traits.Enum("gauss_newton", "ants", usedefault=True)
+    iterations = traits.List(traits.Int, [20, 4], usedefault=True)
+    shrink_factors = traits.List(traits.Int, [3, 1], usedefault=True)
+    smoothing_sigmas = traits.List(traits.Float, [1.5, 0.0], usedefault=True)
     sampling_rate = traits.Float(0.3, usedefault=True)
     random_seed = traits.Int(42, usedefault=True)
 
@@ -159,7 +161,7 @@ class _MotionCorrectionOutputSpec(TraitedSpec):
 
 
 class MotionCorrection(SimpleInterface):
-    """Rigid per-volume registration to the reference (antspyx)."""
+    """Rigid per-volume registration to the reference (Gauss-Newton or antspyx)."""
 
     input_spec = _MotionCorrectionInputSpec
     output_spec = _MotionCorrectionOutputSpec
@@ -173,7 +175,7 @@ class MotionCorrection(SimpleInterface):
         if self.inputs.enabled:
             xfms, params = motion_correct(
                 self.inputs.bold_file, self.inputs.ref_file, self.inputs.mask_file, _cwd("xfms"),
-                iterations=tuple(self.inputs.iterations), shrink_factors=tuple(self.inputs.shrink_factors),
+                method=self.inputs.method, iterations=tuple(self.inputs.iterations), shrink_factors=tuple(self.inputs.shrink_factors),
                 smoothing_sigmas=tuple(self.inputs.smoothing_sigmas), sampling_rate=self.inputs.sampling_rate,
                 random_seed=self.inputs.random_seed,
             )
@@ -309,6 +311,10 @@ class _ConfoundsInputSpec(BaseInterfaceInputSpec):
     csf_mask = File(exists=True, mandatory=True)
     motion_file = File(exists=True, mandatory=True)
     fd_radius_mm = traits.Float(50.0, usedefault=True)
+    repetition_time = traits.Float(mandatory=True)
+    high_pass = traits.Float(0.008, usedefault=True, desc="cosine drift terms below this (Hz); 0: none")
+    compcor_components = traits.Int(5, usedefault=True)
+    design_file = File(exists=True, desc="HRF-convolved design TSV (task runs): correlations go in the JSON")
 
 
 class _ConfoundsOutputSpec(TraitedSpec):
@@ -327,6 +333,8 @@ _CONFOUND_DESCRIPTIONS = {
     "global_signal": "Mean over the brain mask (MNI)",
     "white_matter": "Mean over the eroded white-matter mask (MNI)",
     "csf": "Mean over the eroded ventricular CSF mask (MNI)",
+    "cosine": "DCT basis function of the high-pass filter (bold.high_pass Hz), as fMRIPrep's cosine regressors",
+    "a_comp_cor": "Anatomical CompCor component of the combined eroded WM + CSF mask, after the cosine high-pass",
 }
 
 
@@ -338,47 +346,94 @@ class BoldConfounds(SimpleInterface):
 
     def _run_interface(self, runtime):
         from workflows.ops.bold import confounds_table, write_json
+        from workflows.ops.denoise import design_correlations, read_design
 
         params = np.loadtxt(self.inputs.motion_file, delimiter="\t", skiprows=1, ndmin=2)
-        table = confounds_table(self.inputs.bold_std, self.inputs.mask_std, self.inputs.wm_mask,
-                                self.inputs.csf_mask, params, self.inputs.fd_radius_mm)
+        table, compcor_meta = confounds_table(
+            self.inputs.bold_std, self.inputs.mask_std, self.inputs.wm_mask, self.inputs.csf_mask, params,
+            self.inputs.fd_radius_mm, repetition_time=self.inputs.repetition_time,
+            high_pass=self.inputs.high_pass, compcor_components=self.inputs.compcor_components)
         out = _cwd("confounds.tsv")
-        table.to_csv(out, sep="\t", index=False, na_rep="n/a", float_format="%.8g")
+        table.to_csv(out, sep="\t", index=False, na_rep="n/a", float_format="%.10g")
+        cosine = [c for c in table.columns if c.startswith("cosine")]
+        corr = {}
+        if isdefined(self.inputs.design_file):
+            drift = table[cosine].to_numpy(dtype=float) if cosine else None
+            corr = design_correlations(table.drop(columns=cosine), read_design(self.inputs.design_file), drift)
         desc = {}
         for col in table.columns:
-            base = col.split("_derivative1")[0].split("_power2")[0]
+            if col.startswith(("cosine", "a_comp_cor")):
+                base = col.rstrip("0123456789").rstrip("_")
+            else:
+                base = col.split("_derivative1")[0].split("_power2")[0]
             text = _CONFOUND_DESCRIPTIONS[base]
-            if col != base:
+            if col != base and not col.startswith(("cosine", "a_comp_cor")):
                 text = f"{text}; {col[len(base) + 1:].replace('_', ', ')}"
-            desc[col] = {"Description": text}
+            desc[col] = {"Description": text, **compcor_meta.get(col, {})}
+            if col in corr:
+                # Pearson r with the HRF-convolved events, both high-passed (cosine terms).
+                desc[col]["DesignCorrelation"] = round(corr[col], 4)
         self._results.update(confounds_file=out, confounds_json=str(write_json(_cwd("confounds.json"), desc)))
+        return runtime
+
+
+class _DesignInputSpec(BaseInterfaceInputSpec):
+    events_file = File(exists=True, mandatory=True, desc="BIDS events.tsv of the run")
+    n_volumes = traits.Int(mandatory=True, desc="volumes in the raw run")
+    n_dummy = traits.Int(mandatory=True, desc="leading volumes removed")
+    repetition_time = traits.Float(mandatory=True)
+
+
+class _DesignOutputSpec(TraitedSpec):
+    design_file = File(exists=True, desc="one-column TSV: HRF-convolved events at the kept volumes")
+
+
+class DesignRegressor(SimpleInterface):
+    """The task design (all events, Glover HRF) at the run's kept volumes."""
+
+    input_spec = _DesignInputSpec
+    output_spec = _DesignOutputSpec
+
+    def _run_interface(self, runtime):
+        from workflows.ops.denoise import design_regressor, write_design
+
+        n_kept = self.inputs.n_volumes - self.inputs.n_dummy
+        design = design_regressor(self.inputs.events_file, n_kept, self.inputs.repetition_time, self.inputs.n_dummy)
+        self._results["design_file"] = str(write_design(_cwd("design.tsv"), design))
         return runtime
 
 
 class _ParcellateInputSpec(BaseInterfaceInputSpec):
     bold_std = File(exists=True, mandatory=True)
     confounds_file = File(exists=True, mandatory=True)
+    confounds_json = File(exists=True, mandatory=True)
     repetition_time = traits.Float(mandatory=True)
+    preset = traits.Enum("none", "task", "simple", "simple_gsr", "scrubbing", "scrubbing_gsr", "compcor",
+                         "compcor_gsr", mandatory=True, desc="denoising preset (resolved, not auto)")
+    design_file = File(exists=True, desc="HRF-convolved design (the task preset needs it)")
     atlas = traits.Str("", usedefault=True, desc="bundled atlas name or labels NIfTI; empty: default")
     label_table = traits.Str("", usedefault=True)
     detrend = traits.Bool(True, usedefault=True)
-    high_pass = traits.Float(0.01, usedefault=True)
-    low_pass = traits.Float(0.1, usedefault=True)
+    high_pass = traits.Float(0.008, usedefault=True)
+    low_pass = traits.Float(0.0, usedefault=True)
     motion_regressors = traits.Enum(24, 0, 6, 12, usedefault=True)
-    wm_csf = traits.Bool(True, usedefault=True)
-    global_signal = traits.Bool(False, usedefault=True)
-    scrub_fd_threshold = traits.Float(0.0, usedefault=True)
+    task_max_design_r = traits.Float(0.1, usedefault=True)
+    scrub_fd_threshold = traits.Float(0.5, usedefault=True)
+    scrub_dvars_threshold = traits.Float(1.5, usedefault=True)
+    scrub_min_segment = traits.Int(5, usedefault=True)
+    compcor_components = traits.Int(5, usedefault=True)
     standardize = traits.Bool(False, usedefault=True)
 
 
 class _ParcellateOutputSpec(TraitedSpec):
     timeseries = File(exists=True, desc="denoised ROI series TSV (JSON sidecar next to it)")
     timeseries_json = File(exists=True)
+    raw_timeseries = File(exists=True, desc="ROI means before denoising (node working directory)")
     atlas_name = traits.Str()
 
 
 class ParcellateDenoise(SimpleInterface):
-    """ROI means of the MNI BOLD run, then denoising of those series."""
+    """ROI means of the MNI BOLD run, then the denoising preset on those series."""
 
     input_spec = _ParcellateInputSpec
     output_spec = _ParcellateOutputSpec
@@ -387,33 +442,50 @@ class ParcellateDenoise(SimpleInterface):
         import pandas as pd
 
         from pipeline.roi.atlas import load_atlas
-        from pipeline.roi.parcellation import extract_timeseries, write_timeseries, zero_variance_columns
-        from workflows.ops.bold import denoise_signals
+        from pipeline.roi.parcellation import (
+            extract_timeseries,
+            write_timeseries,
+            zero_variance_columns,
+        )
+        from workflows.ops.denoise import (
+            clean_series,
+            load_preset_confounds,
+            read_design,
+        )
 
         atlas = load_atlas(self.inputs.atlas or None, label_table=self.inputs.label_table or None)
         raw = extract_timeseries(self.inputs.bold_std, atlas, Path(_cwd("raw_timeseries.tsv")),
                                  self.inputs.repetition_time, source="preprocessed")
         raw_meta = json.loads(raw.with_suffix(".json").read_text())
         signals_TR = pd.read_csv(raw, sep="\t").to_numpy(dtype=np.float64)
-        confounds = pd.read_csv(self.inputs.confounds_file, sep="\t", na_values="n/a")
-        options = dict(
-            detrend=self.inputs.detrend, high_pass=self.inputs.high_pass, low_pass=self.inputs.low_pass,
-            motion_regressors=int(self.inputs.motion_regressors), wm_csf=self.inputs.wm_csf,
-            global_signal=self.inputs.global_signal, scrub_fd_threshold=self.inputs.scrub_fd_threshold,
-            standardize=self.inputs.standardize,
+        design = read_design(self.inputs.design_file) if isdefined(self.inputs.design_file) else None
+        preset = self.inputs.preset
+        confounds, sample_mask, info = load_preset_confounds(
+            preset, self.inputs.confounds_file, self.inputs.confounds_json, os.getcwd(), design_T=design,
+            task_max_design_r=self.inputs.task_max_design_r, motion_regressors=int(self.inputs.motion_regressors),
+            high_pass=self.inputs.high_pass, scrub_fd_threshold=self.inputs.scrub_fd_threshold,
+            scrub_dvars_threshold=self.inputs.scrub_dvars_threshold, scrub_min_segment=self.inputs.scrub_min_segment,
+            compcor_components=self.inputs.compcor_components,
         )
-        clean_TR, kept, regressors = denoise_signals(signals_TR, confounds, self.inputs.repetition_time, **options)
+        low_pass = self.inputs.low_pass if preset not in ("none", "task") else 0.0
+        clean_TR = clean_series(signals_TR, confounds, sample_mask, self.inputs.repetition_time,
+                                detrend=self.inputs.detrend, standardize=self.inputs.standardize, low_pass=low_pass)
+        kept = np.arange(signals_TR.shape[0]) if sample_mask is None else np.asarray(sample_mask)
         empty = set(raw_meta["EmptyROIs"])
         zero_var = [n for n, z in zip(atlas.roi_names, zero_variance_columns(clean_TR)) if z or n in empty]
         meta = {
             **raw_meta,
             "NumberOfVolumes": int(clean_TR.shape[0]),
             "ZeroVarianceROIs": zero_var,
-            "Denoising": {**options, "method": "nilearn.signal.clean", "regressors": regressors},
+            "DenoisingPreset": preset,
+            "Denoising": {**info, "method": "nilearn.interfaces.fmriprep.load_confounds + nilearn.signal.clean",
+                          "detrend": self.inputs.detrend, "standardize": self.inputs.standardize,
+                          "high_pass": self.inputs.high_pass, "low_pass": low_pass},
             "CensoredVolumes": [int(i) for i in np.setdiff1d(np.arange(signals_TR.shape[0]), kept)],
         }
         out = write_timeseries(Path(_cwd(f"atlas-{atlas.name}_timeseries.tsv")), clean_TR, atlas.roi_names, meta)
-        self._results.update(timeseries=str(out), timeseries_json=str(out.with_suffix(".json")), atlas_name=atlas.name)
+        self._results.update(timeseries=str(out), timeseries_json=str(out.with_suffix(".json")),
+                             raw_timeseries=str(raw), atlas_name=atlas.name)
         return runtime
 
 
@@ -457,7 +529,11 @@ class WriteBoldDerivatives(SimpleInterface):
 
         from pipeline import __version__
         from pipeline.core.atomic import atomic_copy, atomic_path, atomic_write_text
-        from pipeline.core.derivatives import func_outputs, parse_name, timeseries_output
+        from pipeline.core.derivatives import (
+            func_outputs,
+            parse_name,
+            timeseries_output,
+        )
 
         entities, _, _ = parse_name(self.inputs.source_file)
         outs = func_outputs(self.inputs.output_dir, entities)

@@ -1,8 +1,10 @@
 """BOLD image operations: validation, reference, motion, registration, resampling.
 
 Functions take and return file paths (the nipype interfaces in
-``workflows.interfaces.bold`` are thin wrappers around them). Registration
-and resampling use antspyx; transforms are ANTs ``.mat`` files so the whole
+``workflows.interfaces.bold`` are thin wrappers around them). Motion
+correction is a numpy/scipy Gauss-Newton rigid fit (:func:`realign_volumes`;
+antspyx on request); registration and resampling use antspyx. Transforms are
+ANTs ``.mat`` files (the motion fits written by :func:`write_rigid_transform`) so the whole
 chain (volume -> reference -> T1w or EPI template -> MNI) is applied in one
 ``ants.apply_transforms`` call per volume: the BOLD data are interpolated
 once.
@@ -25,12 +27,11 @@ from workflows.ops.confounds import leading_outliers, rigid_parameters
 from workflows.ops.seeding import ants_seed
 
 __all__ = [
-    "BoldValidation",
     "EPI_TEMPLATE_NAMES",
+    "BoldValidation",
     "ants_seed",
     "bold_reference",
     "confounds_table",
-    "denoise_signals",
     "detect_nonsteady",
     "drop_volumes",
     "find_epi_template",
@@ -38,13 +39,16 @@ __all__ = [
     "identity_transforms",
     "kmeans_1d",
     "motion_correct",
+    "realign_volumes",
     "register_reference",
     "resample_bold",
     "resample_image",
+    "rigid_matrix",
     "tissue_masks",
     "transform_parameters",
     "validate_bold",
     "write_json",
+    "write_rigid_transform",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -190,25 +194,160 @@ def transform_parameters(xfm_file: str | Path) -> np.ndarray:
     return rigid_parameters(_LPS_TO_RAS @ a @ _LPS_TO_RAS, _LPS_TO_RAS @ b)
 
 
+def rigid_matrix(params_6: np.ndarray, centre_3: np.ndarray | None = None) -> np.ndarray:
+    """4x4 matrix of a rigid transform ``y = R (x - c) + c + t``.
+
+    ``params_6`` is ``trans_x .. rot_z`` (mm, radians) with
+    ``R = Rz(rot_z) @ Ry(rot_y) @ Rx(rot_x)`` (the convention of
+    :func:`workflows.ops.confounds.rigid_parameters`); ``centre_3`` defaults
+    to the origin.
+    """
+    tx, ty, tz, rx, ry, rz = (float(v) for v in params_6)
+    cx, sx, cy, sy, cz, sz = np.cos(rx), np.sin(rx), np.cos(ry), np.sin(ry), np.cos(rz), np.sin(rz)
+    rot = (np.array([[cz, -sz, 0.0], [sz, cz, 0.0], [0.0, 0.0, 1.0]])
+           @ np.array([[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]])
+           @ np.array([[1.0, 0.0, 0.0], [0.0, cx, -sx], [0.0, sx, cx]]))
+    centre = np.zeros(3) if centre_3 is None else np.asarray(centre_3, dtype=np.float64)
+    out = np.eye(4)
+    out[:3, :3] = rot
+    out[:3, 3] = np.array([tx, ty, tz]) + centre - rot @ centre
+    return out
+
+
+def realign_volumes(
+    ref_XYZ: np.ndarray,
+    vols_XYZT: np.ndarray,
+    mask_XYZ: np.ndarray,
+    affine_44: np.ndarray,
+    *,
+    iterations: tuple[int, ...] = (20, 4),
+    sample_steps: tuple[int, ...] = (3, 1),
+    smoothing_sigmas: tuple[float, ...] = (1.5, 0.0),
+    tolerance_mm: float = 1e-4,
+) -> np.ndarray:
+    """Rigid fit of every volume to a reference: inverse-compositional Gauss-Newton.
+
+    Least squares of intensities (each volume scaled to the reference's mean
+    in the mask) at the mask's voxels, coarse to fine: level ``k`` smooths
+    both images with a Gaussian of ``smoothing_sigmas[k]`` voxels, samples
+    every ``sample_steps[k]``-th voxel along each axis and runs at most
+    ``iterations[k]`` Gauss-Newton steps (trilinear interpolation on smoothed
+    levels, cubic B-spline on unsmoothed ones). The Jacobian comes from the
+    reference's gradient, so it is computed once per level and each step
+    costs one interpolation of the volume (the SPM / MCFLIRT-class scheme;
+    no random sampling, so the result is deterministic). Each volume starts
+    from the previous one's fit.
+
+    Parameters
+    ----------
+    ref_XYZ, mask_XYZ : ndarray
+        Reference volume and the mask of the voxels to match.
+    vols_XYZT : ndarray
+        The run, on the reference's grid.
+    affine_44 : ndarray
+        Voxel to world (mm) affine of that grid.
+
+    Returns
+    -------
+    mats_T44 : ndarray, shape (T, 4, 4)
+        World-space matrices mapping reference points to volume points
+        (``vol(M x) ~ ref(x)``).
+    """
+    from scipy import ndimage
+
+    if not (len(iterations) == len(sample_steps) == len(smoothing_sigmas)):
+        raise ValueError("iterations, sample_steps and smoothing_sigmas need one entry per level")
+    ref = np.asarray(ref_XYZ, dtype=np.float64)
+    mask = np.asarray(mask_XYZ) > 0
+    if vols_XYZT.ndim != 4 or vols_XYZT.shape[:3] != ref.shape or mask.shape != ref.shape:
+        raise ValueError(f"grids differ: reference {ref.shape}, mask {mask.shape}, run {vols_XYZT.shape}")
+    if not mask.any():
+        raise ValueError("the realignment mask is empty")
+    # Work inside the mask's bounding box (plus a margin): half the voxels of a typical EPI.
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(axis=0) - 3, 0)
+    hi = np.minimum(idx.max(axis=0) + 4, mask.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    aff = np.asarray(affine_44, dtype=np.float64) @ shift
+    inv = np.linalg.inv(aff)
+    ref_b, mask_b = ref[box], mask[box]
+    centre = (aff @ np.r_[np.argwhere(mask_b).mean(axis=0), 1.0])[:3]
+    grad_to_world = np.linalg.inv(aff[:3, :3]).T
+    ref_mean = float(ref_b[mask_b].mean())
+    levels = []
+    for n_iter, step, sigma in zip(iterations, sample_steps, smoothing_sigmas):
+        smooth = ndimage.gaussian_filter(ref_b, sigma) if sigma > 0 else ref_b
+        grid = np.zeros_like(mask_b)
+        grid[::step, ::step, ::step] = True
+        pts = np.argwhere(mask_b & grid)
+        homog = np.c_[pts, np.ones(len(pts))].T
+        x = (aff @ homog)[:3].T
+        g = np.stack(np.gradient(smooth), axis=-1)[tuple(pts.T)] @ grad_to_world
+        jac = np.c_[g, np.cross(x - centre, g)]
+        solve = np.linalg.solve(jac.T @ jac, jac.T)
+        order = 1 if sigma >= 1.0 else 3
+        levels.append((int(n_iter), float(sigma), order, aff @ homog, smooth[tuple(pts.T)], solve))
+    n_vols = vols_XYZT.shape[3]
+    mats = np.zeros((n_vols, 4, 4))
+    current = np.eye(4)
+    for t in range(n_vols):
+        vol = np.asarray(vols_XYZT[box + (t,)], dtype=np.float64)
+        vol_mean = float(vol[mask_b].mean())
+        if vol_mean != 0:
+            vol = vol * (ref_mean / vol_mean)
+        for n_iter, sigma, order, world, target, solve in levels:
+            img = ndimage.gaussian_filter(vol, sigma) if sigma > 0 else vol
+            if order > 1:
+                img = ndimage.spline_filter(img, order=order)
+            for _ in range(n_iter):
+                vox = (inv @ current @ world)[:3]
+                warped = ndimage.map_coordinates(img, vox, order=order, prefilter=False, mode="nearest")
+                delta = solve @ (warped - target)
+                current = current @ np.linalg.inv(rigid_matrix(delta, centre))
+                if np.abs(delta[:3]).max() < tolerance_mm and np.abs(delta[3:]).max() < tolerance_mm / 50.0:
+                    break
+        mats[t] = current
+    return mats
+
+
+def write_rigid_transform(matrix_44: np.ndarray, out_file: str | Path) -> Path:
+    """Write a RAS world-space matrix (reference point -> volume point) as an ANTs ``.mat``."""
+    import ants
+
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    m = lps @ np.asarray(matrix_44, dtype=np.float64) @ lps
+    tx = ants.create_ants_transform(transform_type="AffineTransform", dimension=3,
+                                    matrix=m[:3, :3], translation=m[:3, 3], center=np.zeros(3))
+    ants.write_transform(tx, str(out_file))
+    return Path(out_file)
+
+
 def motion_correct(
     bold_file: str | Path,
     ref_file: str | Path,
     mask_file: str | Path,
     out_dir: str | Path,
     *,
-    iterations: tuple[int, ...] = (10, 10),
-    shrink_factors: tuple[int, ...] = (2, 1),
-    smoothing_sigmas: tuple[float, ...] = (1.0, 0.0),
+    method: str = "gauss_newton",
+    iterations: tuple[int, ...] = (20, 4),
+    shrink_factors: tuple[int, ...] = (3, 1),
+    smoothing_sigmas: tuple[float, ...] = (1.5, 0.0),
     sampling_rate: float = 0.3,
     random_seed: int | None = 42,
 ) -> tuple[list[Path], np.ndarray]:
     """Register every volume rigidly to the reference.
 
-    Mean squares within the (dilated) reference mask: the volumes of one run
-    share contrast and barely move. Each fit starts from the previous
-    volume's, so the short schedule (with the mask, about 0.3 s per volume on
-    an idle core) stays within about 0.05 mm (FD units) of a 100x50-iteration
-    fully sampled fit.
+    ``method="gauss_newton"`` (default): :func:`realign_volumes` inside the
+    reference's brain mask dilated by 2 voxels; ``shrink_factors`` are its
+    sampling steps (voxels), ``smoothing_sigmas`` its Gaussian widths
+    (voxels), ``iterations`` its Gauss-Newton steps per level;
+    ``sampling_rate`` and ``random_seed`` are not used (the fit samples a
+    fixed grid). ``method="ants"``: one ``ants.registration`` per volume
+    (mean squares, random sampling at ``sampling_rate`` seeded with
+    ``random_seed``, ANTs' multi-resolution schedule), each starting from the
+    previous fit; about 5x slower at the same accuracy (benchmarks/bold.py).
 
     Returns
     -------
@@ -222,6 +361,23 @@ def motion_correct(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if method == "gauss_newton":
+        import nibabel as nib
+        from scipy import ndimage
+
+        ref_img = nib.load(str(ref_file))
+        mask = ndimage.binary_dilation(np.asanyarray(nib.load(str(mask_file)).dataobj) > 0, iterations=2)
+        run = nib.load(str(bold_file))
+        if not np.allclose(run.affine, ref_img.affine, atol=1e-3):
+            raise ValueError(f"{bold_file}: grid differs from the reference {ref_file}")
+        mats = realign_volumes(np.asanyarray(ref_img.dataobj), np.asanyarray(run.dataobj), mask, ref_img.affine,
+                               iterations=tuple(iterations), sample_steps=tuple(shrink_factors),
+                               smoothing_sigmas=tuple(smoothing_sigmas))
+        xfms = [write_rigid_transform(m, out_dir / f"vol-{t:04d}_xfm.mat") for t, m in enumerate(mats)]
+        params = np.array([rigid_parameters(m[:3, :3], m[:3, 3]) for m in mats])
+        return xfms, params
+    if method != "ants":
+        raise ValueError(f"motion correction method must be 'gauss_newton' or 'ants', got {method!r}")
     ref = ants.image_read(str(ref_file))
     mask = ants.morphology(ants.image_read(str(mask_file)), "dilate", 2)
     vols = ants.ndimage_to_list(ants.image_read(str(bold_file)))
@@ -447,18 +603,6 @@ def write_json(path: str | Path, data: dict) -> Path:
     return Path(path)
 
 
-def _masked_data(bold_file: str | Path, mask_file: str | Path) -> np.ndarray:
-    """``(V, T)`` float64 data of the voxels inside a mask."""
-    import nibabel as nib
-
-    mask = np.asanyarray(nib.load(str(mask_file)).dataobj) > 0
-    img = nib.load(str(bold_file))
-    if mask.shape != img.shape[:3]:
-        raise ValueError(f"{mask_file}: mask grid {mask.shape} differs from {bold_file} {img.shape[:3]}")
-    data = np.asanyarray(img.dataobj, dtype=np.float32)
-    return data[mask].astype(np.float64)
-
-
 def confounds_table(
     bold_std_file: str | Path,
     brain_mask_file: str | Path,
@@ -466,90 +610,81 @@ def confounds_table(
     csf_mask_file: str | Path,
     params_T6: np.ndarray,
     fd_radius_mm: float = 50.0,
+    *,
+    repetition_time: float | None = None,
+    high_pass: float = 0.0,
+    compcor_components: int = 0,
 ):
-    """The BIDS confounds table of a run (a pandas DataFrame, one row per volume).
+    """The fMRIPrep-style confounds table of a run (one row per volume).
 
     Columns: the six rigid parameters with derivatives, squares and squared
-    derivatives (24), ``framewise_displacement``, ``dvars``, ``std_dvars``, and
-    ``global_signal``, ``white_matter``, ``csf`` with the same expansions.
-    Undefined first-row values (derivatives, FD's predecessor-free volume
-    keeps 0) are NaN, written as ``n/a``.
+    derivatives (24), ``framewise_displacement``, ``dvars``, ``std_dvars``,
+    ``global_signal``, ``white_matter``, ``csf`` with the same expansions,
+    then (with ``repetition_time``) the DCT high-pass basis ``cosine00`` ...
+    below ``high_pass`` Hz and ``compcor_components`` anatomical CompCor
+    components ``a_comp_cor_00`` ... of the combined WM + CSF mask
+    (:func:`workflows.ops.denoise.acompcor`: fMRIPrep's nipype routine, DCT
+    pre-filter of period ``1 / high_pass``).
+    Undefined first-row values (derivatives, DVARS, FD) are NaN, written as ``n/a``.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+    compcor_meta : dict
+        fMRIPrep-style JSON entries of the CompCor columns (``Method``,
+        ``Mask``, ``VarianceExplained``, ``Retained``).
     """
+    import nibabel as nib
     import pandas as pd
 
-    from workflows.ops.confounds import MOTION_NAMES, dvars, expand_regressors, framewise_displacement
+    from workflows.ops.confounds import (
+        MOTION_NAMES,
+        dvars,
+        expand_regressors,
+        framewise_displacement,
+    )
+    from workflows.ops.denoise import acompcor, cosine_drift
 
-    brain_VT = _masked_data(bold_std_file, brain_mask_file)
+    data = np.asanyarray(nib.load(str(bold_std_file)).dataobj, dtype=np.float32)
+
+    def masked(*mask_files: str | Path) -> np.ndarray:
+        mask = np.zeros(data.shape[:3], dtype=bool)
+        for mask_file in mask_files:
+            m = np.asanyarray(nib.load(str(mask_file)).dataobj) > 0
+            if m.shape != mask.shape:
+                raise ValueError(f"{mask_file}: mask grid {m.shape} differs from {bold_std_file} {mask.shape}")
+            mask |= m
+        return data[mask].astype(np.float64)
+
+    brain_VT = masked(brain_mask_file)
     if brain_VT.shape[1] != params_T6.shape[0]:
         raise ValueError(f"{brain_VT.shape[1]} volumes but {params_T6.shape[0]} rows of motion parameters")
     motion, motion_names = expand_regressors(params_T6, MOTION_NAMES)
-    signals = np.column_stack([
-        brain_VT.mean(axis=0),
-        _masked_data(bold_std_file, wm_mask_file).mean(axis=0),
-        _masked_data(bold_std_file, csf_mask_file).mean(axis=0),
-    ])
+    wm_VT = masked(wm_mask_file)
+    csf_VT = masked(csf_mask_file)
+    signals = np.column_stack([brain_VT.mean(axis=0), wm_VT.mean(axis=0), csf_VT.mean(axis=0)])
     tissue, tissue_names = expand_regressors(signals, ["global_signal", "white_matter", "csf"])
     dv, std_dv = dvars(brain_VT)
     fd = framewise_displacement(params_T6, fd_radius_mm)
     fd[0] = np.nan
-    table = pd.DataFrame(np.column_stack([motion, fd, dv, std_dv, tissue]),
-                         columns=motion_names + ["framewise_displacement", "dvars", "std_dvars"] + tissue_names)
-    return table
-
-
-def denoise_signals(
-    signals_TR: np.ndarray,
-    confounds,
-    repetition_time: float,
-    *,
-    detrend: bool = True,
-    high_pass: float = 0.01,
-    low_pass: float = 0.1,
-    motion_regressors: int = 24,
-    wm_csf: bool = True,
-    global_signal: bool = False,
-    scrub_fd_threshold: float = 0.0,
-    standardize: bool = False,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Denoise ROI series with ``nilearn.signal.clean``.
-
-    Cleaning is linear and identical for every column, so cleaning ROI means
-    equals averaging cleaned voxels, at a fraction of the cost.
-
-    Returns
-    -------
-    clean_TR : ndarray
-        Cleaned series; only the kept volumes when scrubbing censors some.
-    kept_T : ndarray of int
-        Indices of the kept volumes.
-    regressors : list of str
-        Confound columns regressed out.
-    """
-    from nilearn.signal import clean
-
-    from workflows.ops.confounds import motion_regressor_names
-
-    names = motion_regressor_names(motion_regressors)
-    if wm_csf:
-        names += ["white_matter", "csf"]
-    if global_signal:
-        names.append("global_signal")
-    missing = [n for n in names if n not in confounds.columns]
-    if missing:
-        raise ValueError(f"confounds table lacks columns {missing}")
-    n_vols = signals_TR.shape[0]
-    kept = np.arange(n_vols)
-    if scrub_fd_threshold > 0:
-        fd = np.nan_to_num(confounds["framewise_displacement"].to_numpy(dtype=float), nan=0.0)
-        kept = np.flatnonzero(fd <= scrub_fd_threshold)
-        if kept.size < 3:
-            raise ValueError(f"scrubbing at FD {scrub_fd_threshold} mm leaves {kept.size} volumes")
-    regressors = np.nan_to_num(confounds[names].to_numpy(dtype=float), nan=0.0) if names else None
-    clean_TR = clean(
-        signals_TR, detrend=detrend, standardize="zscore_sample" if standardize else None,
-        confounds=regressors, standardize_confounds=True,
-        low_pass=low_pass or None, high_pass=high_pass or None, t_r=repetition_time,
-        filter="butterworth" if (low_pass or high_pass) else False,
-        sample_mask=kept if kept.size < n_vols else None, ensure_finite=True,
-    )
-    return clean_TR, kept, names
+    columns = [motion, fd, dv, std_dv, tissue]
+    names = motion_names + ["framewise_displacement", "dvars", "std_dvars"] + tissue_names
+    meta: dict = {}
+    if repetition_time is not None:
+        drift = cosine_drift(brain_VT.shape[1], repetition_time, high_pass)
+        columns.append(drift)
+        names += [f"cosine{k:02d}" for k in range(drift.shape[1])]
+        if compcor_components > 0:
+            noise = np.zeros(data.shape[:3], dtype=bool)
+            for mask_file in (wm_mask_file, csf_mask_file):
+                noise |= np.asanyarray(nib.load(str(mask_file)).dataobj) > 0
+            comps, var = acompcor(data, noise, compcor_components, repetition_time, high_pass)
+            columns.append(comps)
+            cumulative = np.cumsum(var)
+            for k in range(comps.shape[1]):
+                name = f"a_comp_cor_{k:02d}"
+                names.append(name)
+                meta[name] = {"Method": "aCompCor", "Mask": "combined", "Retained": True,
+                              "VarianceExplained": float(var[k]), "CumulativeVarianceExplained": float(cumulative[k])}
+    table = pd.DataFrame(np.column_stack(columns), columns=names)
+    return table, meta

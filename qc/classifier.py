@@ -1,0 +1,135 @@
+"""Curation layer 4: a gradient-boosting classifier of severe artifacts, refitted from reviewer ratings.
+
+Features are the reference robust z-scores of the anatomical metrics
+(:func:`qc.reference.bad_z`, so one model serves every modality and site)
+plus the modality. The shipped training table
+``qc/data/classifier_training.tsv`` holds the metrics of real clean scans of
+six sources and of mild and severe synthetic artifacts of ten kinds made from
+them (``benchmarks/qc_generalisation.py``; label 1 = severe). Ratings
+collected with ``neurocurate qc review`` / ``import-ratings`` are extra labels
+(exclude = 1, include = 0) of this dataset's own scans, each repeated
+``QCConfig.rating_weight`` times; :func:`pipeline.stages.qc.refit_classifier` refits the model
+from them and rewrites the curation table and reports. The model is fitted
+when needed (under a second on the shipped table), so no pickled model with a
+scikit-learn version tie is shipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core.errors import InputError
+from qc.reference import ANAT_MODALITIES, REFERENCE_METRICS, z_frame
+
+__all__ = [
+    "FEATURES",
+    "features",
+    "fit",
+    "load_training",
+    "predict",
+    "rating_rows",
+    "shipped_training_path",
+]
+
+log = logging.getLogger(__name__)
+
+FEATURES: tuple[str, ...] = (*(f"z_{m}" for m in REFERENCE_METRICS), "is_T1w", "is_T2w", "is_FLAIR")
+
+
+def shipped_training_path() -> Path:
+    """Path of the artifact training table shipped with the package."""
+    return Path(str(resources.files("qc") / "data" / "classifier_training.tsv"))
+
+
+def load_training(path: str | Path | None = None) -> pd.DataFrame:
+    """Read a training table (``modality``, metric columns, ``label`` 0/1).
+
+    Raises
+    ------
+    InputError
+        When it is missing or lacks ``modality``/``label``.
+    """
+    path = Path(path) if path else shipped_training_path()
+    try:
+        df = pd.read_csv(path, sep="\t")
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cannot read QC classifier training table ({exc})") from None
+    for col in ("modality", "label"):
+        if col not in df.columns:
+            raise InputError(path, f"QC classifier training table lacks column {col!r}")
+    return df
+
+
+def features(df: pd.DataFrame, reference: pd.DataFrame) -> np.ndarray:
+    """Feature matrix (rows of ``df``, columns :data:`FEATURES`); NaN where a metric is missing."""
+    z = z_frame(df, reference).to_numpy(dtype=float)
+    # Clip: a z of 200 says no more than one of 30, and clipping keeps the trees' splits in the useful range.
+    z = np.clip(z, -30.0, 30.0)
+    mods = df["modality"].astype(str).to_numpy()
+    onehot = np.stack([(mods == m).astype(float) for m in ANAT_MODALITIES], axis=1)
+    return np.concatenate([z, onehot], axis=1)
+
+
+def fit(training: pd.DataFrame, reference: pd.DataFrame, extra: pd.DataFrame | None = None, extra_weight: int = 1) -> Any:
+    """Fit the classifier on ``training`` (and ``extra`` rated rows, each repeated ``extra_weight`` times).
+
+    Returns
+    -------
+    sklearn.ensemble.HistGradientBoostingClassifier
+    """
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    parts = [training[training["modality"].isin(ANAT_MODALITIES)]]
+    if extra is not None and not extra.empty:
+        parts.append(extra.loc[extra.index.repeat(max(int(extra_weight), 1))])
+    data = pd.concat(parts, ignore_index=True)
+    y = data["label"].astype(int).to_numpy()
+    if len(np.unique(y)) < 2:
+        raise ValueError("the classifier needs both clean (0) and artifact (1) examples")
+    model = HistGradientBoostingClassifier(
+        max_iter=100, learning_rate=0.1, max_leaf_nodes=15, min_samples_leaf=5, l2_regularization=1.0, random_state=0
+    )
+    model.fit(features(data, reference), y)
+    return model
+
+
+def predict(model: Any, df: pd.DataFrame, reference: pd.DataFrame) -> np.ndarray:
+    """P(severe artifact) per row; NaN for rows that are not anatomical."""
+    out = np.full(len(df), np.nan)
+    anat = df["modality"].isin(ANAT_MODALITIES).to_numpy()
+    if anat.any():
+        out[anat] = model.predict_proba(features(df[anat], reference))[:, 1]
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _default_model(training_path: str, reference_path: str, stamp: tuple[float, float]) -> Any:
+    from qc.reference import load_reference
+
+    return fit(load_training(training_path), load_reference(reference_path or None))
+
+
+def default_model(training_path: str = "", reference_path: str = "") -> Any:
+    """The classifier fitted on a training table without ratings (cached per process and file version)."""
+    from qc.reference import shipped_reference_path
+
+    training_path = training_path or str(shipped_training_path())
+    stamp = tuple(Path(p).stat().st_mtime if Path(p).is_file() else 0.0
+                  for p in (training_path, reference_path or shipped_reference_path()))
+    return _default_model(training_path, reference_path, stamp)
+
+
+def rating_rows(table: pd.DataFrame, ratings: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:
+    """Rows of the curation table that a reviewer rated, with ``label`` 1 (exclude) or 0 (include)."""
+    decisions = {p: r.get("decision", "") for p, r in ratings.items()}
+    rated = table[table["path"].map(lambda p: decisions.get(p, "") in ("include", "exclude"))].copy()
+    rated["label"] = [1 if decisions[p] == "exclude" else 0 for p in rated["path"]]
+    return rated[rated["modality"].isin(ANAT_MODALITIES)]

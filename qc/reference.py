@@ -1,0 +1,176 @@
+"""Reference distributions of the anatomical QC metrics on real clean scans (curation layer 2).
+
+The shipped table ``qc/data/reference_anat.tsv`` holds, per modality and
+metric, the median and a robust scale of the metric over clean real scans
+from several sources (scanners, field strengths, ages, pathology). It is
+regenerated from a preprocessed dataset by
+``benchmarks/qc_generalisation.py reference``. A scan's robust z for a metric
+is ``(value - median) / scale``, signed so that a positive ``z_bad`` means
+"further in the direction of degradation" (:data:`DIRECTION`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core.errors import InputError
+
+__all__ = [
+    "ANAT_MODALITIES",
+    "DIRECTION",
+    "REFERENCE_COLUMNS",
+    "REFERENCE_METRICS",
+    "bad_z",
+    "build_reference",
+    "direction",
+    "load_reference",
+    "shipped_reference_path",
+    "z_frame",
+]
+
+ANAT_MODALITIES = ("T1w", "T2w", "FLAIR")
+
+#: Direction of degradation per metric: +1 higher is better (fails when too low), -1 lower is
+#: better (fails when too high), 0 both ways. Per-modality exceptions in ``_DIRECTION_BY_MODALITY``.
+DIRECTION: dict[str, int] = {
+    "correlation": 1,
+    "edge_correlation": 1,
+    "nmi": 1,
+    "mi": 1,
+    "psnr": 1,
+    "brain_coverage": 1,
+    "snr": 1,
+    "cnr": 1,
+    "cjv": -1,
+    "efc": -1,
+    "fber": 1,
+    "wm2max": 0,
+    "inu_range": -1,
+    "wm_gm_ratio": 0,
+    "csf_gm_ratio": 0,
+}
+# FLAIR is compared with the T2 template: its correlation is negative (CSF dark vs bright) and noise
+# or a wrong contrast can move it either way, so it is judged both ways against real FLAIRs.
+_DIRECTION_BY_MODALITY = {("FLAIR", "correlation"): 0}
+
+REFERENCE_METRICS: tuple[str, ...] = tuple(DIRECTION)
+REFERENCE_COLUMNS = ("modality", "metric", "direction", "median", "scale", "n", "n_sources")
+
+
+def direction(modality: str, metric: str) -> int:
+    """Direction of degradation of ``metric`` for ``modality`` (see :data:`DIRECTION`)."""
+    return _DIRECTION_BY_MODALITY.get((modality, metric), DIRECTION[metric])
+
+
+def shipped_reference_path() -> Path:
+    """Path of the reference table shipped with the package."""
+    return Path(str(resources.files("qc") / "data" / "reference_anat.tsv"))
+
+
+#: Floor of the robust scale, relative to |median|: with a handful of sources a metric can look
+#: tighter than it is on the next scanner (e.g. five ds000011 T2w scans within 0.01 of each other).
+REL_SCALE_FLOOR = 0.05
+
+
+def _scale(values: np.ndarray, median: float, source_medians: np.ndarray | None = None) -> float:
+    """Robust scale: the largest of 1.4826 MAD, the SD of the per-source medians (a new scanner is
+    expected to differ by about that much) and ``REL_SCALE_FLOOR`` * |median| (1e-6 at least)."""
+    mad = 1.4826 * float(np.median(np.abs(values - median)))
+    between = float(np.std(source_medians, ddof=1)) if source_medians is not None and len(source_medians) > 1 else 0.0
+    return max(mad, between, REL_SCALE_FLOOR * abs(median), 1e-6)
+
+
+def build_reference(df: pd.DataFrame, source_column: str | None = None) -> pd.DataFrame:
+    """Reference table from clean scans: one row per (modality, metric).
+
+    Parameters
+    ----------
+    df : DataFrame
+        One row per clean scan with ``modality`` and metric columns.
+    source_column : str, optional
+        Column naming each scan's source; when given, every source gets the
+        same total weight (its scans' values are repeated so each source
+        contributes as many values as the largest one), so that a source with
+        many scans does not define the reference alone.
+    """
+    rows = []
+    for modality in ANAT_MODALITIES:
+        sub = df[df["modality"] == modality]
+        if sub.empty:
+            continue
+        for metric in REFERENCE_METRICS:
+            if metric not in sub.columns:
+                continue
+            vals = pd.to_numeric(sub[metric], errors="coerce")
+            keep = np.isfinite(vals.to_numpy(dtype=float))
+            if keep.sum() < 2:
+                continue
+            values = vals.to_numpy(dtype=float)[keep]
+            n_sources = 1
+            source_medians = None
+            if source_column:
+                sources = sub[source_column].to_numpy()[keep]
+                groups = [values[sources == s] for s in pd.unique(sources)]
+                n_sources = len(groups)
+                most = max(len(g) for g in groups)
+                values = np.concatenate([np.resize(g, most) for g in groups])
+                source_medians = np.array([np.median(g) for g in groups])
+            med = float(np.median(values))
+            rows.append({
+                "modality": modality, "metric": metric, "direction": direction(modality, metric),
+                "median": med, "scale": _scale(values, med, source_medians), "n": int(keep.sum()),
+                "n_sources": n_sources,
+            })
+    return pd.DataFrame(rows, columns=list(REFERENCE_COLUMNS))
+
+
+def load_reference(path: str | Path | None = None) -> pd.DataFrame:
+    """Read a reference table (default: the shipped one).
+
+    Raises
+    ------
+    InputError
+        When the file is missing or lacks columns.
+    """
+    path = Path(path) if path else shipped_reference_path()
+    try:
+        ref = pd.read_csv(path, sep="\t")
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cannot read QC reference table ({exc})") from None
+    missing = [c for c in REFERENCE_COLUMNS if c not in ref.columns]
+    if missing:
+        raise InputError(path, f"QC reference table lacks columns {missing}")
+    return ref
+
+
+def bad_z(metrics: Mapping[str, float], modality: str, reference: pd.DataFrame) -> dict[str, float]:
+    """Robust z of each metric against the reference, positive = towards degradation.
+
+    Two-sided metrics (direction 0) give ``|z|``. Metrics missing from the
+    scan or the reference, or NaN, are left out.
+    """
+    out = {}
+    ref = reference[reference["modality"] == modality]
+    for r in ref.itertuples(index=False):
+        value = metrics.get(r.metric)
+        if value is None:
+            continue
+        value = float(value)
+        if not np.isfinite(value):
+            continue
+        z = (value - float(r.median)) / float(r.scale)
+        d = int(r.direction)
+        out[str(r.metric)] = abs(z) if d == 0 else -d * z
+    return out
+
+
+def z_frame(df: pd.DataFrame, reference: pd.DataFrame, metrics: Iterable[str] = REFERENCE_METRICS) -> pd.DataFrame:
+    """``bad_z`` of every row of a metrics table, one column per metric (NaN where not defined)."""
+    metrics = list(metrics)
+    rows = [bad_z(r, str(r["modality"]), reference) for _, r in df.iterrows()]
+    return pd.DataFrame([[row.get(m, np.nan) for m in metrics] for row in rows], columns=metrics, index=df.index)

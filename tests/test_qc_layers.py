@@ -1,0 +1,218 @@
+"""The four curation layers on planted cases, the contrast-free metrics, and the refit from ratings (CLI)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.core.config import QCConfig
+from pipeline.core.templates import get_template
+from qc import classifier, curation, reference
+from qc.metrics import (
+    edge_correlation,
+    pearson_correlation,
+    template_tissues,
+    tissue_contrast,
+)
+
+# A clean T1w scan in the planted reference: every metric at its median.
+MEDIANS = {"correlation": 0.65, "edge_correlation": 0.5, "nmi": 1.04, "mi": 0.3, "psnr": 13.0, "brain_coverage": 0.999,
+           "snr": 20.0, "cnr": 2.5, "cjv": 0.45, "efc": 0.5, "fber": 100.0, "wm2max": 0.7, "inu_range": 0.15,
+           "wm_gm_ratio": 1.3, "csf_gm_ratio": 0.5}
+SCALE = 0.1  # relative robust SD of every planted metric
+
+
+def _planted_reference(path: Path) -> Path:
+    rows = [{"modality": "T1w", "metric": m, "direction": reference.direction("T1w", m), "median": v,
+             "scale": abs(v) * SCALE, "n": 20, "n_sources": 5} for m, v in MEDIANS.items()]
+    pd.DataFrame(rows, columns=list(reference.REFERENCE_COLUMNS)).to_csv(path, sep="\t", index=False)
+    return path
+
+
+def _scan(z: dict[str, float] | None = None) -> dict[str, float]:
+    """Metrics ``z`` robust SDs from the planted medians, towards degradation."""
+    out = dict(MEDIANS)
+    for m, k in (z or {}).items():
+        d = reference.direction("T1w", m) or 1
+        out[m] = MEDIANS[m] - d * k * abs(MEDIANS[m]) * SCALE
+    return out
+
+
+def _planted_training(path: Path, rng: np.random.Generator) -> Path:
+    rows = []
+    for i in range(150):  # clean: every metric within ~1 SD
+        rows.append({"modality": "T1w", "label": 0, **_scan({m: rng.normal(0, 1) for m in ("snr", "cjv", "cnr")})})
+    for i in range(150):  # severe: SNR far down
+        rows.append({"modality": "T1w", "label": 1, **_scan({"snr": rng.uniform(8, 20), "cnr": rng.uniform(4, 10)})})
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    return path
+
+
+@pytest.fixture()
+def qc_cfg(tmp_path: Path) -> QCConfig:
+    rng = np.random.default_rng(0)
+    return dataclasses.replace(
+        QCConfig(),
+        reference_table=str(_planted_reference(tmp_path / "ref.tsv")),
+        classifier_training=str(_planted_training(tmp_path / "train.tsv", rng)),
+    )
+
+
+def _rec(subject: str, metrics: dict[str, float], site: str = "A", modality: str = "T1w") -> dict:
+    return {"subject": subject, "modality": modality, "site": site,
+            "path": f"sub-{subject}/anat/sub-{subject}_{modality}.nii.gz", **metrics}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_edge_correlation_does_not_assume_the_contrast() -> None:
+    t2 = np.asanyarray(nib.load(get_template(2, "T2w")).dataobj).astype(np.float32)
+    t1 = np.asanyarray(nib.load(get_template(2, "T1w")).dataobj).astype(np.float32)
+    mask = np.asanyarray(nib.load(get_template(2, "mask", "brain")).dataobj) > 0
+    # A FLAIR-like image: the T2 contrast with CSF (the brightest T2 class) made dark.
+    csf = mask & (t2 > np.percentile(t2[mask], 85))
+    flair = np.where(csf, 0.2 * t2, t2)
+    assert pearson_correlation(t1, t2, mask) < 0  # contrast-bound metric: T1 vs T2 anticorrelate
+    assert edge_correlation(t1, t2, mask) > 0.5  # edges line up whatever the contrast
+    assert edge_correlation(flair, t2, mask) > 0.4
+    upside_down = t2[:, :, ::-1]
+    assert edge_correlation(upside_down, t2, mask) < 0.3
+
+
+def test_tissue_contrast_gives_the_modality_signature() -> None:
+    t1 = np.asanyarray(nib.load(get_template(2, "T1w")).dataobj).astype(np.float32)
+    t2 = np.asanyarray(nib.load(get_template(2, "T2w")).dataobj).astype(np.float32)
+    mask = np.asanyarray(nib.load(get_template(2, "mask", "brain")).dataobj) > 0
+    tissues = template_tissues(t1, mask)
+    c1, c2 = tissue_contrast(t1, tissues), tissue_contrast(t2, tissues)
+    assert c1["wm_gm_ratio"] > 1 > c1["csf_gm_ratio"]
+    assert c2["wm_gm_ratio"] < 1 < c2["csf_gm_ratio"]
+    qc = QCConfig()
+    assert curation.evaluate_rules(c1, "T1w", qc)[0] and curation.evaluate_rules(c2, "T2w", qc)[0]
+    assert not curation.evaluate_rules(c2, "T1w", qc)[0]  # T2w labelled T1w
+    assert not curation.evaluate_rules(c1, "T2w", qc)[0]
+    assert not curation.evaluate_rules(c2, "FLAIR", qc)[0]  # T2w labelled FLAIR: bright CSF
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def test_layer1_absolute_coverage_and_signature(qc_cfg: QCConfig) -> None:
+    df = curation.build_table([_rec("ok", _scan()), _rec("crop", {**_scan(), "brain_coverage": 0.5}),
+                               _rec("t2", {**_scan(), "wm_gm_ratio": 0.8, "csf_gm_ratio": 1.6})], qc_cfg)
+    by = df.set_index("subject")
+    assert by.loc["ok", "qc_pass"] and by.loc["ok", "qc_layer"] == ""
+    assert "absolute" in by.loc["crop", "qc_layer"] and "50% of the template brain" in by.loc["crop", "qc_reason"]
+    assert "absolute" in by.loc["t2", "qc_layer"] and "wrong modality" in by.loc["t2", "qc_reason"]
+
+
+def test_layer2_reference_is_one_sided(qc_cfg: QCConfig) -> None:
+    limit = qc_cfg.reference_z_limit
+    df = curation.build_table([
+        _rec("noisy", _scan({"snr": limit + 2})),  # SNR far below the clean reference
+        _rec("better", _scan({"snr": -(limit + 10)})),  # far above: better, not a failure
+        _rec("near", _scan({"snr": limit - 1})),
+    ], dataclasses.replace(qc_cfg, classifier=False))
+    by = df.set_index("subject")
+    assert not by.loc["noisy", "qc_pass"] and by.loc["noisy", "qc_layer"] == "reference"
+    assert "white-matter SNR" in by.loc["noisy", "qc_reason"] and "far lower than" in by.loc["noisy", "qc_reason"]
+    assert by.loc["better", "qc_pass"] and by.loc["near", "qc_pass"]
+    assert np.isnan(by.loc["near", "p_artifact"])  # classifier off
+
+
+def test_flair_reference_is_contrast_matched() -> None:
+    # The shipped reference holds real FLAIRs: a negative correlation with the T2 template is normal for FLAIR.
+    ref = reference.load_reference()
+    flair = ref[(ref["modality"] == "FLAIR") & (ref["metric"] == "correlation")].iloc[0]
+    assert flair["median"] < 0 and flair["direction"] == 0
+    t2 = ref[(ref["modality"] == "T2w") & (ref["metric"] == "correlation")].iloc[0]
+    assert t2["median"] > 0 and t2["direction"] == 1
+
+
+def test_layer3_site_outliers_need_a_known_site_with_enough_scans(qc_cfg: QCConfig) -> None:
+    rng = np.random.default_rng(1)
+    qc = dataclasses.replace(qc_cfg, classifier=False, outlier_rule_min_group=10)
+    # Site A: 11 scans, one with SNR well inside the reference (z 3 < 6) but far below its own site.
+    recs = [_rec(f"a{i}", {**_scan(), "snr": 20 + 0.2 * rng.normal()}) for i in range(10)]
+    recs.append(_rec("a_low", {**_scan(), "snr": 14.0}))
+    recs.append(_rec("a_high", {**_scan(), "snr": 26.0}))  # better than its site: no failure
+    # Unknown site: same numbers, no rule. Small site B: no rule either.
+    recs += [_rec(f"u{i}", {**_scan(), "snr": 20 + 0.2 * rng.normal()}, site="") for i in range(10)]
+    recs.append(_rec("u_low", {**_scan(), "snr": 14.0}, site=""))
+    recs += [_rec(f"b{i}", {**_scan(), "snr": 20.0 + i}, site="B") for i in range(3)] + [_rec("b_low", {**_scan(), "snr": 14.0}, site="B")]
+    by = curation.build_table(recs, qc).set_index("subject")
+    assert not by.loc["a_low", "qc_pass"] and by.loc["a_low", "qc_layer"] == "dataset"
+    assert "site A" in by.loc["a_low", "qc_reason"]
+    assert by.loc["a_high", "qc_pass"] and by.loc["a_high", "outlier_metrics"] == ""
+    assert by.loc["u_low", "qc_pass"] and "snr" in by.loc["u_low", "outlier_metrics"]  # suggestion only
+    assert by.loc["b_low", "qc_pass"]
+    assert all(by.loc[f"a{i}", "qc_pass"] for i in range(10))
+
+
+def test_layer4_classifier_probability_and_operating_point(qc_cfg: QCConfig) -> None:
+    recs = [_rec("clean", _scan()), _rec("bad", _scan({"snr": 5.0, "cnr": 5.0}))]
+    # The reference alone (limit 10) keeps "bad" (z 5); the classifier trained on severe SNR loss does not.
+    by = curation.build_table(recs, qc_cfg).set_index("subject")
+    assert by.loc["clean", "p_artifact"] < 0.2 and by.loc["clean", "qc_pass"]
+    assert by.loc["bad", "p_artifact"] > 0.8 and by.loc["bad", "qc_layer"] == "classifier"
+    assert "probability of a severe artifact" in by.loc["bad", "qc_reason"]
+    above = float(by.loc["bad", "p_artifact"]) + 1e-9
+    strict = curation.build_table(recs, dataclasses.replace(qc_cfg, classifier_threshold=above)).set_index("subject")
+    assert strict.loc["bad", "qc_pass"]
+
+
+def test_refit_from_ratings_changes_the_decision_of_a_similar_scan(qc_cfg: QCConfig, tmp_path: Path) -> None:
+    """A reviewer excludes scans with a pattern the shipped training never saw (high CJV, z 4: inside the
+    reference limit of 10); after the refit the classifier rejects an unrated scan with the same pattern."""
+    from pipeline.cli import main
+    from pipeline.core.config import Config, write_resolved_config
+    from qc import review
+
+    rng = np.random.default_rng(2)
+    out = tmp_path / "out"
+    # No site: only layers 1, 2 and 4 decide.
+    recs = [_rec(f"c{i:02d}", _scan({"snr": rng.normal(0, 0.5), "cjv": rng.normal(0, 0.5)}), site="") for i in range(12)]
+    recs += [_rec(f"h{i:02d}", _scan({"cjv": 4.0 + 0.3 * rng.normal()}), site="") for i in range(6)]
+    recs.append(_rec("target", _scan({"cjv": 4.1}), site=""))
+    df = curation.build_table(recs, qc_cfg)
+    curation.write_table(df, out)
+    assert df.set_index("subject").loc["target", "qc_pass"]  # kept before any rating
+    cfg = Config(qc=qc_cfg)
+    cfg_file = write_resolved_config(cfg, tmp_path)
+    ratings = {r["path"]: {"decision": "exclude", "comment": "ringing"} for r in recs if r["subject"].startswith("h")}
+    ratings.update({r["path"]: {"decision": "include", "comment": ""} for r in recs[:6]})
+    review.save_ratings(out, ratings)
+    assert main(["qc", "refit", str(out), "--config", str(cfg_file)]) == 0
+    after = curation.read_table(out).set_index("subject")
+    assert not after.loc["target", "qc_pass"] and "classifier" in after.loc["target", "qc_layer"]
+    assert not after.loc["target", "include"]
+    assert all(after.loc[f"c{i:02d}", "qc_pass"] for i in range(12))
+    assert (out / "reports" / "group.html").is_file()
+    # The ratings themselves still override.
+    assert not any(after.loc[f"h{i:02d}", "include"] for i in range(6))
+
+
+def test_rating_rows_labels() -> None:
+    table = pd.DataFrame({"path": ["a", "b", "c", "d"], "modality": ["T1w", "T1w", "T1w", "bold"]})
+    rows = classifier.rating_rows(table, {"a": {"decision": "exclude"}, "b": {"decision": "include"},
+                                          "c": {"decision": ""}, "d": {"decision": "exclude"}})
+    assert rows["path"].tolist() == ["a", "b"] and rows["label"].tolist() == [1, 0]
+
+
+def test_reference_build_balances_sources() -> None:
+    # Ten scans of one source at 1.0 and one scan each of two other sources at 2.0 and 3.0.
+    df = pd.DataFrame({"modality": ["T1w"] * 12, "snr": [1.0] * 10 + [2.0, 3.0],
+                       "source": ["big"] * 10 + ["s2", "s3"]})
+    ref = reference.build_reference(df, source_column="source")
+    row = ref[ref["metric"] == "snr"].iloc[0]
+    assert row["median"] == 2.0 and row["n"] == 12 and row["n_sources"] == 3
+    unbalanced = reference.build_reference(df).query("metric == 'snr'").iloc[0]
+    assert unbalanced["median"] == 1.0
+    z = reference.bad_z({"snr": 2.0 - 7 * row["scale"]}, "T1w", ref)
+    assert z["snr"] == pytest.approx(7.0)
