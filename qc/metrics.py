@@ -155,22 +155,10 @@ def template_tissues(template_t1: np.ndarray, mask: np.ndarray, iterations: int 
     """
     from scipy import ndimage
 
-    m = mask.astype(bool)
-    vals = template_t1[m].astype(np.float64)
-    centres = np.percentile(vals, [15, 50, 85])
-    for _ in range(iterations):
-        labels = np.argmin(np.abs(vals[:, None] - centres[None, :]), axis=1)
-        new = np.array([vals[labels == k].mean() if np.any(labels == k) else centres[k] for k in range(3)])
-        if np.allclose(new, centres):
-            break
-        centres = new
-    order = np.argsort(centres)
-    out = {}
-    for rank, name in enumerate(("csf", "gm", "wm")):
-        region = np.zeros(mask.shape, dtype=bool)
-        region[m] = labels == order[rank]
-        out[name] = ndimage.binary_erosion(region)
-    return out
+    from qc.iqms import tissue_segmentation  # the same 3-class intensity k-means as the scans' own IQMs
+
+    regions = tissue_segmentation(template_t1, mask, "T1w", iterations)
+    return {name: ndimage.binary_erosion(region) for name, region in regions.items()}
 
 
 def tissue_contrast(image: np.ndarray, tissues: dict[str, np.ndarray]) -> dict[str, float]:
