@@ -47,16 +47,10 @@ def prepare_shards(work: Path) -> Path:
         return out / "shards"
     abide = SHARED / "abide"
     import_timeseries([abide / "rois_cc200"], out, ImportConfig(), phenotypes=abide / "Phenotypic_V1_0b_preprocessed1.csv", sites=SITES)
-    parts = pd.read_csv(out / "participants.tsv", sep="\t", dtype={"participant_id": str})
-    site_of = dict(zip(parts["participant_id"].str.removeprefix("sub-"), parts["site"]))
-    rows = []
-    for path in sorted(out.glob("sub-*/func/*_timeseries.tsv")):
-        sub = path.name.split("_")[0].removeprefix("sub-")
-        rows.append({"subject": sub, "session": "", "task": "rest", "acq": "", "run": "", "modality": "timeseries",
-                     "site": str(site_of.get(sub, "")), "path": str(path.relative_to(out)), "qc_pass": True,
-                     "failed_rules": "", "override": "", "override_comment": "", "include": True})
-    (out / "curation").mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_parquet(out / "curation" / "curation.parquet")
+    from pipeline.cli import main
+
+    if main(["qc", str(out)]) != 0:  # the curation table comes from the QC stage, as for a user
+        raise SystemExit(f"neurocurate qc {out} failed")
     build_group_gradients(out, "CC200", GradientsConfig())
     build_shards(out, cfg=ShardsConfig())
     return out / "shards"
