@@ -63,7 +63,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("NEUROCURATE_SHARED_DATA", REPO.parent / "shared" / "data"))
-METRICS_VERSION = "5"
+METRICS_VERSION = "6"  # 6 = 5 + the artifact detectors of qc.metrics.artifact_metrics
 
 MILD_SEVERE = ("noise", "dropout", "tissue_loss", "ghost", "bias", "motion", "coverage", "orientation")
 SEVERE_ONLY = ("modality",)
@@ -307,6 +307,12 @@ def process_case(case: Case, work: Path) -> dict[str, float]:
     metrics_file = out / f"metrics_v{METRICS_VERSION}.json"
     if metrics_file.is_file():
         return json.loads(metrics_file.read_text())
+    v5 = out / "metrics_v5.json"
+    if v5.is_file() and (out / "preproc.nii.gz").is_file():
+        # Version 6 only adds the artifact detectors: same function as the group step, on the cached image.
+        metrics = {**json.loads(v5.read_text()), **case_artifact_metrics(out / "preproc.nii.gz", case.label)}
+        metrics_file.write_text(json.dumps(metrics))
+        return metrics
     scan_dir = prepare_scan(case.scan, work)
     preproc, bias_mni = out / "preproc.nii.gz", out / "biasfield.nii.gz"
     t_prep = 0.0
@@ -389,10 +395,8 @@ def resample_cubic(data: np.ndarray, affine: np.ndarray, template_file: str, xfm
 _TPL: dict = {}
 
 
-def case_metrics(preproc: Path, bias: Path, modality: str) -> dict[str, float]:
-    """The group step's anatomical metrics of one MNI-space case."""
+def _templates() -> None:
     from pipeline.core.templates import get_template
-    from qc.group import anat_metrics
     from qc.metrics import template_tissues
 
     if not _TPL:
@@ -401,10 +405,26 @@ def case_metrics(preproc: Path, bias: Path, modality: str) -> dict[str, float]:
         _TPL["T2w"] = load(get_template(2, "T2w"))
         _TPL["mask"] = load(get_template(2, "mask", "brain"))
         _TPL["tissues"] = template_tissues(_TPL["T1w"], _TPL["mask"] > 0)
+
+
+def case_metrics(preproc: Path, bias: Path, modality: str) -> dict[str, float]:
+    """The group step's anatomical metrics of one MNI-space case."""
+    from qc.group import anat_metrics
+
+    _templates()
     image = np.asanyarray(nib.load(preproc).dataobj).astype(np.float32)
     field = np.asanyarray(nib.load(bias).dataobj).astype(np.float32)
     template = _TPL["T1w" if modality == "T1w" else "T2w"]
     return anat_metrics(image, modality, template, _TPL["mask"], _TPL["tissues"], None, field)
+
+
+def case_artifact_metrics(preproc: Path, modality: str) -> dict[str, float]:
+    """Only :func:`qc.metrics.artifact_metrics` of one MNI-space case (what version 6 added)."""
+    from qc.metrics import artifact_metrics
+
+    _templates()
+    image = np.asanyarray(nib.load(preproc).dataobj).astype(np.float32)
+    return artifact_metrics(image, _TPL["T1w" if modality == "T1w" else "T2w"], _TPL["mask"] > 0, _TPL["tissues"])
 
 
 def _run_one(args: tuple[Case, Path]) -> tuple[str, dict[str, float]]:

@@ -31,7 +31,10 @@ __all__ = [
     "crash_log_subjects",
     "discover_scans",
     "find_crash_logs",
+    "metric_cache",
     "run_group",
+    "scan_inputs",
+    "scan_metrics",
     "scan_record",
     "write_group_report",
     "write_subject_report",
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 
 _ANAT = ("T1w", "T2w", "FLAIR")
 _ENTITY_COLS = {"ses": "session", "task": "task", "acq": "acq", "run": "run"}
+#: Keys of a curation record that are not metrics (see :func:`_identity`).
+_IDENTITY_COLUMNS = frozenset({"subject", "modality", "site", "path", *_ENTITY_COLS.values()})
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,11 @@ class _Templates:
         self._cache: dict[str, np.ndarray] = {}
         self._tissues: dict[str, np.ndarray] | None = None
 
+    @property
+    def paths(self) -> dict[str, Path]:
+        """The template files (``T1w``, ``T2w``, ``mask``)."""
+        return dict(self._paths)
+
     def tissues(self) -> dict[str, np.ndarray]:
         """Core CSF/GM/WM regions of the T1 template (for the contrast-signature metrics)."""
         from qc.metrics import template_tissues
@@ -185,10 +195,11 @@ def anat_metrics(
         N4 bias field.
     """
     from qc.iqms import structural_iqms
-    from qc.metrics import template_similarity, tissue_contrast
+    from qc.metrics import artifact_metrics, template_similarity, tissue_contrast
 
     tmask = template_mask > 0
     metrics = template_similarity(image, template, tmask, bins=bins)
+    metrics.update(artifact_metrics(image, template, tmask, tissues))
     metrics.update(structural_iqms(image, tmask if brain is None else brain > 0, modality, bias))
     metrics.update(tissue_contrast(image, tissues))
     return metrics
@@ -239,14 +250,30 @@ def _timeseries_metrics(scan: Scan) -> dict[str, float]:
     }
 
 
-def scan_record(scan: Scan, output_dir: Path, cfg: Config, tpl: Any = None, site: str = "unknown") -> dict[str, Any]:
-    """Curation record (entities + metrics) of one scan.
+def scan_inputs(scan: Scan, output_dir: Path) -> dict[str, Path]:
+    """Every file the metrics of ``scan`` read, by role (a companion file may be absent).
+
+    The QC metric cache (:mod:`qc.cache`) keys a scan by the content of these files.
+    """
+    if scan.modality in _ANAT:
+        outs = anat_outputs(output_dir, scan.entities, scan.modality, 2)
+        return {"image": scan.path, "brain_mask": outs.mask, "bias_field": outs.biasfield}
+    if scan.modality == "bold":
+        outs = func_outputs(output_dir, scan.entities, 2)
+        return {"bold": scan.path, "mask": outs.mask, "confounds": outs.confounds}
+    return {"series": scan.path, "sidecar": scan.path.with_suffix(".json")}
+
+
+def scan_metrics(scan: Scan, output_dir: Path, cfg: Config, tpl: Any = None) -> dict[str, float]:
+    """The QC metrics of one scan, measured now (plain floats, in a fixed order).
 
     Raises
     ------
     InputError
         When a derivative the metrics need is missing or unreadable.
     """
+    from qc.cache import normalise_metrics
+
     tpl = tpl or _Templates(cfg)
     if scan.modality in _ANAT:
         metrics = _anat_metrics(scan, output_dir, cfg, tpl)
@@ -254,6 +281,10 @@ def scan_record(scan: Scan, output_dir: Path, cfg: Config, tpl: Any = None, site
         metrics = _bold_metrics(scan, output_dir, tpl)
     else:
         metrics = _timeseries_metrics(scan)
+    return normalise_metrics(metrics)
+
+
+def _identity(scan: Scan, output_dir: Path, site: str) -> dict[str, Any]:
     rec: dict[str, Any] = {
         "subject": scan.subject,
         "modality": scan.modality,
@@ -262,8 +293,43 @@ def scan_record(scan: Scan, output_dir: Path, cfg: Config, tpl: Any = None, site
     }
     for ent, col in _ENTITY_COLS.items():
         rec[col] = scan.entities.get(ent, "")
-    rec.update(metrics)
     return rec
+
+
+def scan_record(scan: Scan, output_dir: Path, cfg: Config, tpl: Any = None, site: str = "unknown") -> dict[str, Any]:
+    """Curation record (entities + metrics) of one scan, measured now.
+
+    Raises
+    ------
+    InputError
+        When a derivative the metrics need is missing or unreadable.
+    """
+    rec = _identity(scan, output_dir, site)
+    rec.update(scan_metrics(scan, output_dir, cfg, tpl))
+    return rec
+
+
+def metric_cache(output_dir: Path, cfg: Config, tpl: Any = None):
+    """The :class:`qc.cache.MetricCache` of ``output_dir`` for this config.
+
+    What changes metric values besides a scan's own files: the metric code (source digest of
+    :mod:`qc.metrics`, :mod:`qc.iqms` and the measuring functions here), the templates' content, and for
+    anatomical scans ``[qc] mi_bins``. Nothing that decides (thresholds, reference z limit, classifier,
+    ratings) is part of it.
+    """
+    from pipeline.core.provenance import file_digest
+    from qc import iqms, metrics
+    from qc.cache import MetricCache, code_digest
+
+    tpl = tpl or _Templates(cfg)
+    code = code_digest([metrics, iqms, _Templates, _load, anat_metrics, _anat_metrics, _bold_metrics,
+                        _timeseries_metrics, scan_inputs, scan_metrics])
+    templates = {name: file_digest(path) for name, path in sorted(tpl.paths.items())}
+    anat = {"code": code, "templates": templates, "mi_bins": cfg.qc.mi_bins}
+    contexts: dict[str, object] = {m: anat for m in _ANAT}
+    contexts["bold"] = {"code": code, "template_mask": templates["mask"]}
+    contexts["timeseries"] = {"code": code}
+    return MetricCache(output_dir, contexts)
 
 
 def _figures(scan: Scan, output_dir: Path, tpl: _Templates) -> list[tuple[str, str]]:
@@ -333,61 +399,113 @@ def _scan_view(row: pd.Series, cfg: Config, figures: list[tuple[str, str]]) -> d
 
 
 def _subject_table(
-    output_dir: Path, subject: str, scans: list[Scan], cfg: Config, tpl: _Templates
+    output_dir: Path, subject: str, scans: list[Scan], cfg: Config, tpl: _Templates,
+    table: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """The subject's curation rows and ``(path, error)`` of scans that could not be measured.
 
-    Rows come from the curation table when it covers every scan (so the
-    outlier suggestions and overrides show); otherwise they are computed now.
+    Rows come from the curation table (``table``, else the one on disk) when it covers every scan (so
+    the outlier suggestions and overrides show); otherwise they are built now, with the metrics from the
+    QC metric cache where it has them (and stored there when measured).
     """
     from qc.curation import build_table, read_table, table_paths
     from qc.review import load_ratings
 
     wanted = {s.path.relative_to(output_dir).as_posix() for s in scans}
-    if table_paths(output_dir)[0].is_file():
-        df = read_table(output_dir)
-        df = df[df["path"].isin(wanted)]
+    if table is None and table_paths(output_dir)[0].is_file():
+        table = read_table(output_dir)
+    if table is not None:
+        df = table[table["path"].isin(wanted)]
         if set(df["path"]) == wanted:
             return df, []
     site = _sites(output_dir, cfg.qc.site_column).get(subject, "unknown")
+    cache = metric_cache(output_dir, cfg, tpl)
     records, errors = [], []
     for scan in scans:
-        try:
-            records.append(scan_record(scan, output_dir, cfg, tpl, site))
-        except (InputError, ValueError) as exc:
-            errors.append((scan.path.relative_to(output_dir).as_posix(), f"QC metrics failed: {exc}"))
+        key = cache.key(scan.modality, scan_inputs(scan, output_dir))
+        metrics = cache.get(key)
+        if metrics is None:
+            try:
+                metrics = scan_metrics(scan, output_dir, cfg, tpl)
+            except (InputError, ValueError) as exc:
+                errors.append((scan.path.relative_to(output_dir).as_posix(), f"QC metrics failed: {exc}"))
+                continue
+            cache.put(key, metrics, scan.path.relative_to(output_dir).as_posix())
+        records.append({**_identity(scan, output_dir, site), **metrics})
     df = build_table(records, cfg.qc, load_ratings(output_dir)) if records else pd.DataFrame()
     return df, errors
+
+
+def _report_code_digest() -> str:
+    """Digest of the code and template that draw a subject report."""
+    import hashlib
+
+    from qc import reports
+    from qc.cache import code_digest
+
+    digest = hashlib.sha256(code_digest([reports, _figures, _scan_view, find_crash_logs]).encode())
+    for name in ("subject.html",):
+        digest.update(reports.template_source(name).encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _subject_report(
+    output_dir: Path, subject: str, cfg: Config, tpl: _Templates, *, table: pd.DataFrame | None = None,
+    scan_keys: dict[str, str | None] | None = None, report_code: str | None = None,
+) -> tuple[Path, bool]:
+    """Write one subject's report unless the one on disk already shows the same; ``(path, written)``.
+
+    The report carries a key over everything it shows: the rows (metrics, decisions, overrides), the
+    errors, the content of the files its figures are drawn from (the scans' metric-cache keys) and the
+    report code. A report whose key is unchanged is left as it is, so a group run re-renders only the
+    subjects whose scans or decisions changed.
+    """
+    import hashlib
+
+    from qc.reports import read_report_key, render_subject_report, write_html
+
+    target = OutputLayout(output_dir).subject_report(subject)
+    scans = discover_scans(output_dir, subject)
+    errors = find_crash_logs(output_dir, subject)
+    rows: list[tuple[pd.Series, Scan]] = []
+    if scans:
+        df, scan_errors = _subject_table(output_dir, subject, scans, cfg, tpl, table)
+        errors += scan_errors
+        by_path = {s.path.relative_to(output_dir).as_posix(): s for s in scans}
+        rows = [(row, by_path[row["path"]]) for _, row in df.iterrows()]
+    if scan_keys is None:
+        cache = metric_cache(output_dir, cfg, tpl)
+        scan_keys = {}
+        for _, scan in rows:
+            scan_keys[scan.path.relative_to(output_dir).as_posix()] = cache.key(
+                scan.modality, scan_inputs(scan, output_dir))
+    views = [_scan_view(row, cfg, []) for row, _ in rows]
+    sources = [scan_keys.get(str(row["path"])) for row, _ in rows]
+    content = json.dumps({"subject": subject, "views": views, "errors": errors, "sources": sources,
+                          "code": report_code or _report_code_digest()}, default=str, sort_keys=True)
+    key = hashlib.sha256(content.encode("utf-8")).hexdigest()
+    if None not in sources and read_report_key(target) == key:
+        return target, False
+    errors = list(errors)
+    for view, (row, scan) in zip(views, rows, strict=True):
+        try:
+            view["figures"] = _figures(scan, output_dir, tpl)
+        except InputError as exc:
+            errors.append((row["path"], f"figures could not be drawn: {exc}"))
+    return write_html(target, render_subject_report(subject, views, errors, report_key=key)), True
 
 
 def write_subject_report(output_dir: Path, subject: str, cfg: Config) -> Path:
     """Write ``OUTPUT_DIR/reports/sub-<subject>.html`` and return its path.
 
     Uses the curation table when it covers the subject's scans (so overrides
-    show), else computes the metrics now. Crash files in ``OUTPUT_DIR/logs``
-    that name the subject are shown at the top.
+    show), else computes the metrics now (or takes them from the QC metric
+    cache). Crash files in ``OUTPUT_DIR/logs`` that name the subject are shown
+    at the top. A report that would show exactly what it already shows is not
+    rewritten.
     """
-    from qc.reports import render_subject_report, write_html
-
     output_dir = Path(output_dir)
-    subject = subject.removeprefix("sub-")
-    tpl = _Templates(cfg)
-    scans = discover_scans(output_dir, subject)
-    errors = find_crash_logs(output_dir, subject)
-    views = []
-    if scans:
-        df, scan_errors = _subject_table(output_dir, subject, scans, cfg, tpl)
-        errors += scan_errors
-        by_path = {s.path.relative_to(output_dir).as_posix(): s for s in scans}
-        for _, row in df.iterrows():
-            try:
-                figures = _figures(by_path[row["path"]], output_dir, tpl)
-            except InputError as exc:
-                errors.append((row["path"], f"figures could not be drawn: {exc}"))
-                figures = []
-            views.append(_scan_view(row, cfg, figures))
-    target = OutputLayout(output_dir).subject_report(subject)
-    return write_html(target, render_subject_report(subject, views, errors))
+    return _subject_report(output_dir, subject.removeprefix("sub-"), cfg, _Templates(cfg))[0]
 
 
 def write_group_report(output_dir: Path, df: pd.DataFrame, cfg: Config, error_subjects: list[str]) -> Path:
@@ -401,7 +519,10 @@ def run_group(output_dir: Path, cfg: Config) -> int:
     """Group QC of whatever derivatives OUTPUT_DIR holds: metrics, curation table, subject and group reports.
 
     QC works on the derivatives alone (preprocessed scans, ROI series, imported series), so no BIDS
-    dataset is needed.
+    dataset is needed. Only scans that are new or changed (or whose metric code or metric settings
+    changed) are measured; the others' metrics come from the QC metric cache (:mod:`qc.cache`). The
+    decisions are always taken again from the metrics, and only subject reports whose content changed
+    are drawn again. Both counts are logged.
 
     Parameters
     ----------
@@ -415,6 +536,12 @@ def run_group(output_dir: Path, cfg: Config) -> int:
         0, or 3 when some scans could not be measured (they are named in the
         log and in their subject's report, and left out of the table).
     """
+    from pipeline.core.console import USER_LOG
+    from pipeline.core.parallel import (  # threads, or the [dask] cluster
+        MapError,
+        Star,
+        parallel_map,
+    )
     from qc.curation import build_table, write_table
     from qc.review import load_ratings
 
@@ -427,32 +554,46 @@ def run_group(output_dir: Path, cfg: Config) -> int:
         raise NeurocurateError(f"{output_dir}: no derivatives (sub-*/anat, sub-*/func) and no crash logs found")
     sites = _sites(output_dir, cfg.qc.site_column)
     tpl = _Templates(cfg)
+    cache = metric_cache(output_dir, cfg, tpl)
+    # Metrics come from the cache where a scan's files, the metric code and the metric settings are unchanged;
+    # only the other scans are measured. Decisions are always taken afresh (build_table).
+    keys = [cache.key(scan.modality, scan_inputs(scan, output_dir)) for scan in scans]
+    cached = [cache.get(key) for key in keys]
+    todo = [i for i, metrics in enumerate(cached) if metrics is None]
+    results = parallel_map(Star(scan_record), [(scans[i], output_dir, cfg, tpl, sites.get(scans[i].subject, "unknown"))
+                                               for i in todo], workers=cfg.dask.workers,
+                           dask=cfg.dask, catch=(InputError, ValueError), progress="qc", unit="scan") if todo else []
+    measured = dict(zip(todo, results, strict=True))
     records, failed = [], {}
-    from pipeline.core.parallel import (  # threads, or the [dask] cluster
-        MapError,
-        Star,
-        parallel_map,
-    )
-
-    results = parallel_map(Star(scan_record), [(scan, output_dir, cfg, tpl, sites.get(scan.subject, "unknown"))
-                                               for scan in scans], workers=cfg.dask.workers,
-                           dask=cfg.dask, catch=(InputError, ValueError), progress="qc", unit="scan")
-    for scan, result in zip(scans, results):
-        if isinstance(result, MapError):
-            log.error("QC of %s failed: %s", scan.path, result.message)
-            failed.setdefault(scan.subject, []).append(result.message)
+    for i, scan in enumerate(scans):
+        rel = scan.path.relative_to(output_dir).as_posix()
+        if cached[i] is not None:
+            records.append({**_identity(scan, output_dir, sites.get(scan.subject, "unknown")), **cached[i]})
+        elif isinstance(measured[i], MapError):
+            log.error("QC of %s failed: %s", scan.path, measured[i].message)
+            failed.setdefault(scan.subject, []).append(measured[i].message)
         else:
-            records.append(result)
+            record = measured[i]
+            cache.put(keys[i], {k: v for k, v in record.items() if k not in _IDENTITY_COLUMNS}, rel)
+            records.append(record)
         crash_point("qc.scan_recorded")
+    USER_LOG.info(f"QC metrics: {cache.misses} scan(s) measured, {cache.hits} from the cache "
+                  f"({OutputLayout(output_dir).qc_cache_dir})")
     df = build_table(records, cfg.qc, load_ratings(output_dir))
     write_table(df, output_dir)
     crash_point("qc.table_written")
     write_resolved_config(cfg, OutputLayout(output_dir).curation_dir)
     error_subjects = sorted(set(failed) | crash_log_subjects(output_dir))
+    scan_keys = {scan.path.relative_to(output_dir).as_posix(): key for scan, key in zip(scans, keys, strict=True)}
+    report_code = _report_code_digest()
+    written = 0
     for subject in subjects:
-        write_subject_report(output_dir, subject, cfg)
+        written += _subject_report(output_dir, subject, cfg, tpl, table=df, scan_keys=scan_keys,
+                                   report_code=report_code)[1]
         crash_point("qc.subject_report_written")
+    USER_LOG.info(f"QC reports: {written} subject report(s) drawn, {len(subjects) - written} unchanged")
     write_group_report(output_dir, df, cfg, error_subjects)
+    cache.prune()
     log.info("curation: %d scans, %d included; reports in %s", len(df), int(df["include"].sum()), OutputLayout(output_dir).reports_dir)
     return EXIT_PARTIAL if failed else EXIT_OK
 

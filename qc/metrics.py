@@ -17,7 +17,12 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "ARTIFACT_METRICS",
+    "air_signal",
+    "artifact_metrics",
+    "blur_ap_lr",
     "brain_coverage",
+    "brain_holes",
     "edge_correlation",
     "mutual_information",
     "pearson_correlation",
@@ -26,6 +31,7 @@ __all__ = [
     "template_similarity",
     "template_tissues",
     "tissue_contrast",
+    "wm_trend",
 ]
 
 
@@ -148,8 +154,12 @@ def edge_correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 
 def template_tissues(template_t1: np.ndarray, mask: np.ndarray, iterations: int = 30) -> dict[str, np.ndarray]:
-    """Core CSF, GM and WM regions of the T1 template (3-class k-means in the brain mask, eroded once).
+    """Regions of the T1 template: core CSF, GM and WM, and the air far from the head.
 
+    ``csf``/``gm``/``wm`` come from a 3-class k-means in the brain mask,
+    eroded once. ``air`` is every voxel at least 8 mm (4 voxels of the 2 mm
+    grid) outside the template's head and above the lowest brain slice, so
+    that a neck or shoulders in the field of view never count as air.
     They are the same voxels for every scan in MNI space, so the contrast
     between them can be read from a scan without segmenting it.
     """
@@ -158,7 +168,117 @@ def template_tissues(template_t1: np.ndarray, mask: np.ndarray, iterations: int 
     from qc.iqms import tissue_segmentation  # the same 3-class intensity k-means as the scans' own IQMs
 
     regions = tissue_segmentation(template_t1, mask, "T1w", iterations)
-    return {name: ndimage.binary_erosion(region) for name, region in regions.items()}
+    out = {name: ndimage.binary_erosion(region) for name, region in regions.items()}
+    mask = mask.astype(bool)
+    head = template_t1 > 0.1 * float(np.median(template_t1[mask]))
+    head = ndimage.binary_fill_holes(ndimage.binary_closing(head, iterations=3))
+    air = ~ndimage.binary_dilation(head, iterations=4)
+    air[:, :, : int(np.nonzero(mask.any(axis=(0, 1)))[0].min())] = False
+    out["air"] = air
+    return out
+
+
+#: The artifact detectors of :func:`artifact_metrics` (scale-free and the same for every contrast).
+ARTIFACT_METRICS = ("blur_ap_lr", "air_signal", "brain_holes", "wm_trend")
+
+
+def _axis_gradients(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean absolute finite difference along each voxel axis, inside ``mask``."""
+    out = []
+    for axis in range(3):
+        diff = np.abs(np.diff(image, axis=axis))
+        inner = [slice(None)] * 3
+        inner[axis] = slice(0, -1)
+        out.append(float(diff[mask[tuple(inner)]].mean()))
+    return np.asarray(out)
+
+
+def blur_ap_lr(image: np.ndarray, template: np.ndarray, mask: np.ndarray) -> float:
+    """Directional blur: log of the anterior-posterior to left-right sharpness ratio, relative to the template.
+
+    Sharpness along an axis is the mean absolute finite difference along it
+    in the brain mask (grid axes of MNI space: 0 = L-R, 1 = P-A). 0 means the
+    same balance as the template; negative = blurred along A-P (motion along
+    the usual phase-encoding direction), positive = blurred along L-R. S-I is
+    left out, so that the thick slices of an axial acquisition (5 mm in the
+    corpus) do not look like motion; thick sagittal slices (L-R) would.
+    """
+    mask = mask.astype(bool)
+    img = np.where(np.isfinite(image), image, 0.0)
+    g, t = _axis_gradients(img, mask), _axis_gradients(template, mask)
+    if not (g[:2] > 0).all() or not (t[:2] > 0).all():
+        return float("nan")
+    return float(np.log(g[1] / g[0]) - np.log(t[1] / t[0]))
+
+
+def air_signal(image: np.ndarray, air: np.ndarray, brain: np.ndarray) -> float:
+    """95th percentile of the signal far outside the head, relative to the brain's median.
+
+    Ghosts, wrap-around and noise put signal where there is only air; a
+    zero-filled or defaced background gives 0.
+    """
+    img = np.where(np.isfinite(image), image, 0.0)
+    med = float(np.median(img[brain.astype(bool)]))
+    if not med > 0 or not air.any():
+        return float("nan")
+    return float(np.percentile(img[air.astype(bool)], 95)) / med
+
+
+def brain_holes(image: np.ndarray, mask: np.ndarray, level: float = 0.1) -> float:
+    """Fraction of the template brain whose signal is below ``level`` times the brain's median.
+
+    Signal dropout, tissue loss and a cut field of view leave voids in the brain.
+    """
+    mask = mask.astype(bool)
+    img = np.where(np.isfinite(image), image, 0.0)[mask]
+    med = float(np.median(img))
+    if not med > 0:
+        return float("nan")
+    return float((img < level * med).mean())
+
+
+def wm_trend(image: np.ndarray, wm: np.ndarray) -> float:
+    """Residual intensity non-uniformity: relative range of a linear trend fitted to the WM signal.
+
+    A least-squares plane ``a + b.x`` through the intensities of the template
+    WM region; its range over that region divided by the median WM signal.
+    N4 removes smooth fields; what it leaves (or never saw) shows here.
+    """
+    wm = wm.astype(bool)
+    img = np.where(np.isfinite(image), image, 0.0)
+    vals = img[wm].astype(np.float64)
+    med = float(np.median(vals))
+    if not med > 0 or vals.size < 10:
+        return float("nan")
+    xyz = np.argwhere(wm).astype(np.float64)
+    design = np.column_stack([np.ones(len(xyz)), xyz - xyz.mean(axis=0)])
+    coef, *_ = np.linalg.lstsq(design, vals, rcond=None)
+    fitted = design @ coef
+    return float((fitted.max() - fitted.min()) / med)
+
+
+def artifact_metrics(
+    image: np.ndarray, template: np.ndarray, mask: np.ndarray, tissues: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """The scale-free artifact detectors (:data:`ARTIFACT_METRICS`) of one scan in MNI space.
+
+    Parameters
+    ----------
+    image : ndarray
+        The scan on the template grid.
+    template : ndarray
+        The matching template (its sharpness balance is the reference of ``blur_ap_lr``).
+    mask : ndarray
+        The template brain mask.
+    tissues : dict
+        :func:`template_tissues` regions (``wm`` and ``air`` are used).
+    """
+    return {
+        "blur_ap_lr": blur_ap_lr(image, template, mask),
+        "air_signal": air_signal(image, tissues["air"], mask),
+        "brain_holes": brain_holes(image, mask),
+        "wm_trend": wm_trend(image, tissues["wm"]),
+    }
 
 
 def tissue_contrast(image: np.ndarray, tissues: dict[str, np.ndarray]) -> dict[str, float]:
@@ -170,7 +290,7 @@ def tissue_contrast(image: np.ndarray, tissues: dict[str, np.ndarray]) -> dict[s
     the right orientation). NaN when GM has no signal.
     """
     img = np.where(np.isfinite(image), image, 0.0)
-    med = {k: float(np.median(img[v])) if v.any() else float("nan") for k, v in tissues.items()}
+    med = {k: float(np.median(img[tissues[k]])) if tissues[k].any() else float("nan") for k in ("csf", "gm", "wm")}
     gm = med["gm"]
     if not gm > 0:
         return {"wm_gm_ratio": float("nan"), "csf_gm_ratio": float("nan")}

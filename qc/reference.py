@@ -24,6 +24,7 @@ __all__ = [
     "ANAT_MODALITIES",
     "DIRECTION",
     "REFERENCE_COLUMNS",
+    "POOLED_METRICS",
     "REFERENCE_METRICS",
     "bad_z",
     "build_reference",
@@ -53,12 +54,23 @@ DIRECTION: dict[str, int] = {
     "inu_range": -1,
     "wm_gm_ratio": 0,
     "csf_gm_ratio": 0,
+    "blur_ap_lr": 0,
+    "air_signal": -1,
+    "brain_holes": -1,
+    "wm_trend": -1,
 }
 # FLAIR is compared with the T2 template: its correlation is negative (CSF dark vs bright) and noise
 # or a wrong contrast can move it either way, so it is judged both ways against real FLAIRs.
 _DIRECTION_BY_MODALITY = {("FLAIR", "correlation"): 0}
 
 REFERENCE_METRICS: tuple[str, ...] = tuple(DIRECTION)
+
+#: Metrics that do not depend on the contrast (a relative field range, a fraction, a ratio of a scan
+#: to itself): their reference pools the clean scans of every modality, so that a modality seen at
+#: few sites (T2w, FLAIR) is still judged against many scanners.
+POOLED_METRICS: frozenset[str] = frozenset(
+    {"inu_range", "brain_coverage", "blur_ap_lr", "air_signal", "brain_holes", "wm_trend"}
+)
 REFERENCE_COLUMNS = ("modality", "metric", "direction", "median", "scale", "n", "n_sources")
 
 
@@ -97,13 +109,19 @@ def build_reference(df: pd.DataFrame, source_column: str | None = None) -> pd.Da
         same total weight (its scans' values are repeated so each source
         contributes as many values as the largest one), so that a source with
         many scans does not define the reference alone.
+
+    Notes
+    -----
+    Metrics in :data:`POOLED_METRICS` use the clean scans of every modality
+    (the row is still written per modality, so that lookups stay per modality).
     """
     rows = []
     for modality in ANAT_MODALITIES:
-        sub = df[df["modality"] == modality]
-        if sub.empty:
+        own = df[df["modality"] == modality]
+        if own.empty:
             continue
         for metric in REFERENCE_METRICS:
+            sub = df[df["modality"].isin(ANAT_MODALITIES)] if metric in POOLED_METRICS else own
             if metric not in sub.columns:
                 continue
             vals = pd.to_numeric(sub[metric], errors="coerce")
@@ -172,5 +190,17 @@ def bad_z(metrics: Mapping[str, float], modality: str, reference: pd.DataFrame) 
 def z_frame(df: pd.DataFrame, reference: pd.DataFrame, metrics: Iterable[str] = REFERENCE_METRICS) -> pd.DataFrame:
     """``bad_z`` of every row of a metrics table, one column per metric (NaN where not defined)."""
     metrics = list(metrics)
-    rows = [bad_z(r, str(r["modality"]), reference) for _, r in df.iterrows()]
-    return pd.DataFrame([[row.get(m, np.nan) for m in metrics] for row in rows], columns=metrics, index=df.index)
+    out = pd.DataFrame(np.nan, index=df.index, columns=metrics, dtype=float)
+    mods = df["modality"].astype(str).to_numpy() if "modality" in df.columns else np.array([""] * len(df))
+    for r in reference.itertuples(index=False):
+        if r.metric not in out.columns or r.metric not in df.columns:
+            continue
+        rows = mods == str(r.modality)
+        if not rows.any():
+            continue
+        values = pd.to_numeric(df[r.metric], errors="coerce").to_numpy(dtype=float)[rows]
+        z = (values - float(r.median)) / float(r.scale)
+        d = int(r.direction)
+        z = np.abs(z) if d == 0 else -d * z
+        out.loc[out.index[rows], r.metric] = np.where(np.isfinite(values), z, np.nan)
+    return out

@@ -33,9 +33,11 @@ __all__ = [
     "map_mosaic",
     "metric_strip_svg",
     "outline_mosaic",
+    "read_report_key",
     "registration_mosaic",
     "render_group_report",
     "render_subject_report",
+    "template_source",
     "write_html",
 ]
 
@@ -51,6 +53,30 @@ def environment() -> Any:
         autoescape=jinja2.select_autoescape(["html"], default=True),
         undefined=jinja2.StrictUndefined,
     )
+
+
+def template_source(name: str) -> str:
+    """The text of the report template ``name`` (e.g. ``"subject.html"``)."""
+    return (Path(__file__).parent / "templates" / name).read_text(encoding="utf-8")
+
+
+#: The element a subject report carries its content key in (first lines of ``<head>``).
+_KEY_META = '<meta name="neurocurate-report-key" content="'
+
+
+def read_report_key(path: str | Path, head_bytes: int = 4096) -> str | None:
+    """The content key written into a subject report by :func:`render_subject_report`, or None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(head_bytes).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    start = head.find(_KEY_META)
+    if start < 0:
+        return None
+    start += len(_KEY_META)
+    end = head.find('"', start)
+    return head[start:end] if end > start else None
 
 
 def _script_json(obj: Any) -> Any:
@@ -360,6 +386,7 @@ def render_subject_report(
     subject: str,
     scans: Sequence[Mapping[str, Any]],
     errors: Sequence[tuple[str, str]] = (),
+    report_key: str = "",
 ) -> str:
     """HTML of one subject's report.
 
@@ -374,8 +401,12 @@ def render_subject_report(
         ``comment`` and ``figures`` (list of ``(caption, data URI)``).
     errors : sequence of (str, str)
         ``(file name, text)`` of crash files.
+    report_key : str
+        Content key of what the report shows (hex), written into its ``<head>`` so that a later run can
+        tell an unchanged report without drawing it again (:func:`read_report_key`).
     """
-    return environment().get_template("subject.html").render(subject=subject, scans=list(scans), errors=list(errors))
+    return environment().get_template("subject.html").render(subject=subject, scans=list(scans), errors=list(errors),
+                                                             report_key=report_key)
 
 
 def write_html(path: str | Path, text: str) -> Path:

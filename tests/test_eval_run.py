@@ -13,13 +13,12 @@ import torch
 
 from pipeline.store.write import write_shards
 from pipeline.cli import main
-from pipeline.core.config import EvaluateConfig, ShardsConfig
+from pipeline.core.config import EvaluateConfig, ShardsConfig, dump_config
 from pipeline.core.errors import InputError
 from pipeline.evaluation.embed import embed_samples, load_encoder, read_shard_samples
-from pipeline.evaluation.run import evaluate_run
+from pipeline.evaluation.run import evaluate_run, positioning_gradients
 from pipeline.store.loader import ShardDataset
 from pipeline.pretrain.config import load_pretrain_config
-from pipeline.pretrain.train import Trainer
 
 R = 8
 ROIS = [f"7Networks_LH_{net}_{i}" for i, net in enumerate(["Vis", "Vis", "SomMot", "Default", "Default", "Cont", "Limbic", "DorsAttn"])]
@@ -44,7 +43,9 @@ def _import(root: Path, prefix: str, sites: list[str], n: int = 48, seed: int = 
         "diagnosis": ["autism" if v else "control" for v in labels.values()],
         "age": np.linspace(7, 40, n),
     })
-    grads = {"fmri-Toy": pd.DataFrame({"roi": ROIS, **{f"g{k}": np.cos(np.arange(R) * (k + 1)) for k in range(3)}})}
+    # each import has its own gradients (another dataset's group connectome), over the same ROIs
+    grads = {"fmri-Toy": pd.DataFrame({"roi": ROIS, **{f"g{k}": np.cos(np.arange(R) * (k + 1) + seed / 1000)
+                                                      for k in range(3)}})}
 
     def read(row):
         return {"x_TR": _series(seed + int(row["sample_id"].split("-")[-1]), labels[row["sample_id"]]), "roi_names": ROIS}
@@ -64,18 +65,20 @@ def setup(tmp_path_factory):
     # The toy store has 8 ROIs and 3 gradient coordinates (not Brain-JEPA's 30).
     cfg = dataclasses.replace(cfg, fmri=dataclasses.replace(cfg.fmri, gradient_dim=3),
                               train=dataclasses.replace(cfg.train, max_steps=3, checkpoint_every=3, log_every=1, warmup_steps=1))
-    ds = ShardDataset(train_shards, store="fmri-Toy", training=True)
+    config = base / "toy.toml"
+    config.write_text(dump_config(cfg))
     run_dir = base / "run"
-    Trainer(cfg, ds, run_dir, progress=False).fit()
+    assert main(["pretrain", str(train_shards), "--config", str(config), "--out", str(run_dir), "--no-progress"]) == 0
     return {"run": run_dir, "a": train_shards, "b": other_shards, "base": base}
 
 
 def test_evaluation_of_a_run_on_shards_from_another_import(setup):
     out = setup["base"] / "report_b"
-    res = evaluate_run(setup["run"], setup["b"], "diagnosis", split="site", cfg=CFG, out_dir=out,
-                       reference_shards=setup["a"])
+    res = evaluate_run(setup["run"], setup["b"], "diagnosis", split="site", cfg=CFG, out_dir=out)
     assert res["store"] == "fmri-Toy" and res["n_samples"] == 48
-    assert res["gradients"].startswith("reference store")
+    # the ROIs are positioned by the gradients the run was trained with, not by the evaluated store's own
+    assert res["gradients"].startswith("the run's training gradients")
+    assert res["training_data"]["n_rois"] == R and res["training_data"]["atlas"] == "Toy"
     readouts = {"linear", "roi", "roi_similarity", "token_similarity"}
     assert set(res["models"]) == ({f"moe_jepa_{r}" for r in readouts} | {f"random_encoder_{r}" for r in readouts}
                                   | {"moe_jepa_attentive", "fc_pearson", "fc_tangent"})
@@ -84,7 +87,7 @@ def test_evaluation_of_a_run_on_shards_from_another_import(setup):
     for info in res["models"].values():
         for v in info["metrics"].values():
             if v["value"] is not None and np.isfinite(v["value"]):
-                assert v["low"] <= v["value"] <= v["high"]
+                assert v["low"] <= v["high"]  # a percentile interval, not widened to contain the value
     assert res["best_baseline"] in ("fc_pearson", "fc_tangent")
     assert set(res["comparisons"]) == {f"moe_jepa_{r}" for r in readouts} | {"moe_jepa_attentive"}
     assert [f["name"] for f in res["folds"]] == ["site-S&2", "site-S<1>"]
@@ -162,3 +165,97 @@ def test_few_shot_through_the_stage(setup):
     assert fs["k"] == 3 and set(fs["models"]) == ({f"moe_jepa_{r}" for r in readouts} | {f"random_encoder_{r}" for r in readouts}
                                                   | {"fc_pearson", "fc_tangent"})
     assert len(fs["models"]["fc_pearson"]["metrics"]["auroc"]["values"]) == CFG.few_shot_resamples
+
+
+# --------------------------------------------------------------------------- the run's recorded training data
+
+
+def test_run_records_its_training_shards_and_gradients(setup):
+    from pipeline.core.layout import RunLayout
+    from pipeline.core.provenance import file_digest
+    from pipeline.pretrain.record import read_training_data
+
+    run = RunLayout(setup["run"])
+    record = read_training_data(run.root)
+    assert record.shards_dir == str(setup["a"].resolve()) and record.store == "fmri-Toy" and record.split == "train"
+    assert (record.kind, record.atlas, record.n_rois, record.tasks) == ("fmri", "Toy", R, [])
+    assert record.gradients_shape == [R, 3] and record.gradients_sha256 == file_digest(run.training_gradients)
+    stored = ShardDataset(setup["a"], store="fmri-Toy", training=False).gradients_Rk.numpy()
+    assert np.array_equal(np.load(run.training_gradients), stored)
+
+
+def test_positions_come_from_the_run_not_from_the_evaluated_store(setup):
+    from pipeline.pretrain.record import read_training_data
+
+    record = read_training_data(setup["run"])
+    train_grads = ShardDataset(setup["a"], store="fmri-Toy", training=False).gradients_Rk.numpy()
+    samples_b = read_shard_samples(setup["b"], "diagnosis")
+    assert not np.allclose(samples_b.gradients_Rk, train_grads)  # another dataset's gradients
+    grads, source = positioning_gradients(setup["run"], record, samples_b, setup["b"], None)
+    assert np.array_equal(grads, train_grads) and "training gradients" in source
+    grads, source = positioning_gradients(setup["run"], record, samples_b, setup["b"], setup["a"])
+    assert np.array_equal(grads, train_grads) and source.startswith("reference store")
+    # shards whose gradients are not the run's are not its training shards
+    with pytest.raises(InputError, match="not the shards it was trained on"):
+        positioning_gradients(setup["run"], record, samples_b, setup["b"], setup["b"])
+
+
+def test_cli_evaluates_on_the_recorded_training_shards_by_default(setup, capsys):
+    out = setup["base"] / "cli_default"
+    code = main(["evaluate", str(setup["run"]), "--target", "diagnosis", "--split", "kfold", "--config", str(_fast(setup)),
+                 "--bootstrap", "20", "--permutations", "10", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["shards_dir"] == str(setup["a"].resolve()) and res["store"] == "fmri-Toy"
+    assert res["gradients"].startswith("the run's training gradients")
+
+
+def _fast(setup) -> Path:
+    path = setup["base"] / "fast_eval.toml"
+    path.write_text('[evaluate]\nbaselines = ["fc_pearson"]\nattentive_probe = false\ninner_folds = 2\nmax_windows = 1\n'
+                    'readouts = ["mean"]\n')
+    return path
+
+
+def _toy_store(root: Path, names: list[str], atlas: str = "Toy") -> Path:
+    table = pd.DataFrame({"sample_id": [f"x-{i}" for i in range(4)], "subject": [f"x{i}" for i in range(4)],
+                          "store": f"fmri-{atlas}", "kind": "fmri", "atlas": atlas, "modality": "timeseries",
+                          "site": "A", "diagnosis": ["autism", "control"] * 2})
+    write_shards(table, root, ShardsConfig(), label_columns=["diagnosis"],
+                 read_sample=lambda row: {"x_TR": np.random.default_rng(0).standard_normal((80, len(names))).astype(np.float32),
+                                          "roi_names": names})
+    return root
+
+
+@pytest.mark.parametrize("names,atlas,reason", [
+    (["a", "b", "c"], "Toy", "has 3 ROIs of atlas Toy but the run was trained on 8 ROIs of atlas Toy"),
+    (ROIS, "CC200", "has 8 ROIs of atlas CC200 but the run was trained on 8 ROIs of atlas Toy"),
+    (ROIS[::-1], "Toy", "under other names or in another order"),
+])
+def test_a_store_with_another_roi_set_is_refused_in_one_line(setup, tmp_path, capsys, names, atlas, reason):
+    shards = _toy_store(tmp_path / "other", names, atlas)
+    code = main(["evaluate", str(setup["run"]), "--shards", str(shards), "--target", "diagnosis",
+                 "--config", str(_fast(setup)), "--out", str(tmp_path / "report")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and reason in err and str(shards / f"fmri-{atlas}") in err and "\n" not in err
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_changed_run_gradients_copy_or_an_old_run_without_gradients_is_refused(setup, tmp_path):
+    import shutil
+
+    from pipeline.core.layout import RunLayout
+
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run, ignore=shutil.ignore_patterns("embeddings", "evaluation"))
+    grads = np.load(RunLayout(run).training_gradients)
+    np.save(RunLayout(run).training_gradients, grads + 1)
+    with pytest.raises(InputError, match="does not match the digest"):
+        evaluate_run(run, None, "diagnosis", cfg=CFG)
+    # a run from before runs recorded their data: no silent ROI-index positions for a store without gradients
+    RunLayout(run).training_data.unlink()
+    no_grads = _toy_store(tmp_path / "nograds", ROIS)
+    with pytest.raises(InputError, match="has no gradients; pass --reference-shards"):
+        evaluate_run(run, no_grads, "diagnosis", cfg=CFG)
+    with pytest.raises(InputError, match="pass --shards"):
+        evaluate_run(run, None, "diagnosis", cfg=CFG)

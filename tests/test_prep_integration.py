@@ -88,8 +88,13 @@ def test_sidecar_and_dataset_description(processed):
     assert (out / "neurocurate_config.toml").is_file()
     assert "sub-02\t41\tF" in (out / "participants.tsv").read_text()
     written = {p.relative_to(out).parts[0] for p in out.iterdir()}
+    from pipeline.core.layout import OutputLayout
+
+    qc_cache = OutputLayout(out).qc_cache_dir.name  # the subject reports' QC metric cache (issue 13)
     assert written <= {"dataset_description.json", "participants.tsv", "neurocurate_config.toml", "sub-01", "sub-02",
-                       "logs", "reports", ".work"}
+                       "logs", "reports", ".work", qc_cache}
+    # Affine is the default: no SyN warp is written.
+    assert not anat_outputs(out, {"sub": "01"}, "T1w").warp.exists()
 
 
 def test_rerun_does_no_work(processed):

@@ -48,7 +48,8 @@ def _fmri_data(n: int = 10, R: int = 12, T: int = 70) -> list[dict]:
     for i in range(n):
         phase = torch.rand(R, 1, generator=g) * 6.28
         x = torch.sin(t[None] * (1 + i % 3) + phase) + 0.1 * torch.randn(R, T, generator=g)
-        out.append({"x": x, "gradients": torch.randn(R, 30, generator=g), "subject": f"sub-{i % 4}", "task": "rest"})
+        out.append({"x": x, "gradients": torch.randn(R, 30, generator=g), "subject": f"sub-{i % 4}",
+                    "task": ("rest", "task")[i % 2]})
     return out
 
 
@@ -104,7 +105,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_lambda(20, 4, 20, 0.1) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("router", ["topk", "expert_choice"])
+@pytest.mark.parametrize("router", ["topk", "expert_choice", "subject_prior", "state_experts"])
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, router):
     cfg = _cfg(router=router)
     full = Trainer(cfg, _fmri_data(), tmp_path / "full", progress=False).fit()
@@ -180,7 +181,8 @@ def test_empty_dataset_is_an_error(tmp_path):
         Trainer(_cfg(), [], tmp_path, progress=False).fit(1)
 
 
-def _write_fmri_shards(shards_dir: Path, n: int = 8, R: int = 12, T: int = 90) -> None:
+def _write_fmri_shards(shards_dir: Path, n: int = 8, R: int = 12, T: int = 90, tasks=("rest",),
+                       splits=("train",)) -> None:
     import pandas as pd
 
     from pipeline.store.write import write_shards
@@ -194,8 +196,8 @@ def _write_fmri_shards(shards_dir: Path, n: int = 8, R: int = 12, T: int = 90) -
             "store": "fmri-toy",
             "kind": "fmri",
             "atlas": "toy",
-            "task": "rest",
-            "split": "train",
+            "task": [tasks[i % len(tasks)] for i in range(n)],
+            "split": [splits[i % len(splits)] for i in range(n)],
         }
     )
     names = [f"roi{r}" for r in range(R)]
@@ -252,3 +254,55 @@ def test_bf16_autocast_step_runs(tmp_path):
     hist = trainer.fit()
     assert all(np.isfinite(h["loss"]) for h in hist)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+TOY = ("[model]\ndim = 16\ndepth = 2\nheads = 2\npred_dim = 8\npred_depth = 1\npred_heads = 2\n"
+       "[fmri]\nnum_frames = 64\n[moe]\nnum_experts = 4\nexpert_hidden = 16\n{moe}"
+       "[train]\nbatch_size = 2\nmax_steps = 3\nwarmup_steps = 1\ncheckpoint_every = 2\nlog_every = 1\n")
+
+
+def test_state_experts_take_the_tasks_of_the_training_split_and_check_top_k(tmp_path, capsys):
+    from pipeline.pretrain.moe import moe_layers
+
+    shards = tmp_path / "shards"
+    # train: rest and nback; the motor runs are all in the validation split
+    _write_fmri_shards(shards, n=9, tasks=("rest", "nback", "motor"), splits=("train", "train", "val"))
+    config = tmp_path / "state.toml"
+    config.write_text(TOY.format(moe='router = "state_experts"\ntop_k = 2\n'))
+    run = tmp_path / "run"
+    assert _pretrain([str(shards), "--config", str(config), "--out", str(run), "--no-progress"]) == 0
+    saved = config_from_dict(load_checkpoint(latest_checkpoint(run))["config"])
+    assert saved.moe.states == ("nback", "rest")  # not the config's default, not the val-only task
+    assert load_pretrain_config(run / "pretrain_config.toml").moe.states == ("nback", "rest")
+    model = build_model(saved)
+    assert [m.num_experts for m in moe_layers(model.encoder)] == [2]
+    # more experts per token than tasks: refused before any model is built or checkpoint written
+    config.write_text(TOY.format(moe='router = "state_experts"\ntop_k = 3\n'))
+    capsys.readouterr()
+    assert _pretrain([str(shards), "--config", str(config), "--out", str(tmp_path / "r3"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "index.parquet" in err and "moe.top_k = 3" in err and "['nback', 'rest']" in err and "\n" not in err
+    assert not (tmp_path / "r3" / "checkpoints").exists()
+    # explicit states must cover the training tasks; the config alone is checked at load time
+    config.write_text(TOY.format(moe='router = "state_experts"\ntop_k = 1\nstates = ["rest"]\n'))
+    assert _pretrain([str(shards), "--config", str(config), "--out", str(tmp_path / "r4"), "--no-progress"]) == 2
+    assert "['nback'] of the training split are not in moe.states" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="moe.top_k = 2 but the state_experts router has 1 expert"):
+        config_from_dict({"moe": {"router": "state_experts", "states": ["rest"], "top_k": 2}})
+
+
+def test_resuming_on_other_data_is_refused(tmp_path, capsys):
+    shards, other = tmp_path / "shards", tmp_path / "other"
+    _write_fmri_shards(shards)
+    _write_fmri_shards(other, R=10)
+    config = tmp_path / "toy.toml"
+    config.write_text(TOY.format(moe=""))
+    run = tmp_path / "run"
+    assert _pretrain([str(shards), "--config", str(config), "--out", str(run), "--no-progress", "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert _pretrain([str(other), "--config", str(config), "--out", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "training_data.json" in err and "differs in n_rois, roi_names_sha256" in err and "--no-resume" in err
+    # a new model on the other data is fine, and the record follows it
+    assert _pretrain([str(other), "--config", str(config), "--out", str(run), "--no-progress", "--no-resume"]) == 0
+    assert json.loads((run / "training_data.json").read_text())["n_rois"] == 10

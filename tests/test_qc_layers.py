@@ -23,7 +23,8 @@ from qc.metrics import (
 # A clean T1w scan in the planted reference: every metric at its median.
 MEDIANS = {"correlation": 0.65, "edge_correlation": 0.5, "nmi": 1.04, "mi": 0.3, "psnr": 13.0, "brain_coverage": 0.999,
            "snr": 20.0, "cnr": 2.5, "cjv": 0.45, "efc": 0.5, "fber": 100.0, "wm2max": 0.7, "inu_range": 0.15,
-           "wm_gm_ratio": 1.3, "csf_gm_ratio": 0.5}
+           "wm_gm_ratio": 1.3, "csf_gm_ratio": 0.5, "blur_ap_lr": 0.15, "air_signal": 0.04, "brain_holes": 0.005,
+           "wm_trend": 0.1}
 SCALE = 0.1  # relative robust SD of every planted metric
 
 
@@ -46,9 +47,9 @@ def _scan(z: dict[str, float] | None = None) -> dict[str, float]:
 def _planted_training(path: Path, rng: np.random.Generator) -> Path:
     rows = []
     for i in range(150):  # clean: every metric within ~1 SD
-        rows.append({"modality": "T1w", "label": 0, **_scan({m: rng.normal(0, 1) for m in ("snr", "cjv", "cnr")})})
-    for i in range(150):  # severe: SNR far down
-        rows.append({"modality": "T1w", "label": 1, **_scan({"snr": rng.uniform(8, 20), "cnr": rng.uniform(4, 10)})})
+        rows.append({"modality": "T1w", "label": 0, **_scan({m: rng.normal(0, 1) for m in ("air_signal", "wm_trend", "brain_holes")})})
+    for i in range(150):  # severe: signal in the air (ghosting/noise) far up
+        rows.append({"modality": "T1w", "label": 1, **_scan({"air_signal": rng.uniform(8, 20), "brain_holes": rng.uniform(4, 10)})})
     pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
     return path
 
@@ -156,8 +157,8 @@ def test_layer3_site_outliers_need_a_known_site_with_enough_scans(qc_cfg: QCConf
 
 
 def test_layer4_classifier_probability_and_operating_point(qc_cfg: QCConfig) -> None:
-    recs = [_rec("clean", _scan()), _rec("bad", _scan({"snr": 5.0, "cnr": 5.0}))]
-    # The reference alone (limit 10) keeps "bad" (z 5); the classifier trained on severe SNR loss does not.
+    recs = [_rec("clean", _scan()), _rec("bad", _scan({"air_signal": 5.0, "brain_holes": 5.0}))]
+    # The reference alone (limit 15) keeps "bad" (z 5); the classifier trained on severe air signal does not.
     by = curation.build_table(recs, qc_cfg).set_index("subject")
     assert by.loc["clean", "p_artifact"] < 0.2 and by.loc["clean", "qc_pass"]
     assert by.loc["bad", "p_artifact"] > 0.8 and by.loc["bad", "qc_layer"] == "classifier"
@@ -168,8 +169,8 @@ def test_layer4_classifier_probability_and_operating_point(qc_cfg: QCConfig) -> 
 
 
 def test_refit_from_ratings_changes_the_decision_of_a_similar_scan(qc_cfg: QCConfig, tmp_path: Path) -> None:
-    """A reviewer excludes scans with a pattern the shipped training never saw (high CJV, z 4: inside the
-    reference limit of 10); after the refit the classifier rejects an unrated scan with the same pattern."""
+    """A reviewer excludes scans with a pattern the shipped training never saw (a WM trend at z 4: inside the
+    reference limit of 15); after the refit the classifier rejects an unrated scan with the same pattern."""
     from pipeline.cli import main
     from pipeline.core.config import Config, write_resolved_config
     from qc import review
@@ -177,9 +178,10 @@ def test_refit_from_ratings_changes_the_decision_of_a_similar_scan(qc_cfg: QCCon
     rng = np.random.default_rng(2)
     out = tmp_path / "out"
     # No site: only layers 1, 2 and 4 decide.
-    recs = [_rec(f"c{i:02d}", _scan({"snr": rng.normal(0, 0.5), "cjv": rng.normal(0, 0.5)}), site="") for i in range(12)]
-    recs += [_rec(f"h{i:02d}", _scan({"cjv": 4.0 + 0.3 * rng.normal()}), site="") for i in range(6)]
-    recs.append(_rec("target", _scan({"cjv": 4.1}), site=""))
+    recs = [_rec(f"c{i:02d}", _scan({"air_signal": rng.normal(0, 0.5), "wm_trend": rng.normal(0, 0.5)}), site="")
+            for i in range(12)]
+    recs += [_rec(f"h{i:02d}", _scan({"wm_trend": 4.0 + 0.3 * rng.normal()}), site="") for i in range(6)]
+    recs.append(_rec("target", _scan({"wm_trend": 4.1}), site=""))
     df = curation.build_table(recs, qc_cfg)
     curation.write_table(df, out)
     assert df.set_index("subject").loc["target", "qc_pass"]  # kept before any rating

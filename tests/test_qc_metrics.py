@@ -169,7 +169,8 @@ def test_real_colin27_passes_default_curation(shared_data: Path) -> None:
 
     from pipeline.core.config import QCConfig
     from qc.curation import build_table
-    from qc.metrics import template_tissues, tissue_contrast
+    from qc.group import anat_metrics
+    from qc.metrics import template_tissues
 
     tdir = shared_data / "templates"
     tpl_img = nib.load(tdir / "MNI152NLin6Asym_res-2_T1w.nii.gz")
@@ -186,9 +187,7 @@ def test_real_colin27_passes_default_curation(shared_data: Path) -> None:
     records = []
     for name, img in (("clean", colin), ("noisy", nib.Nifti1Image(noisy_native.astype(np.float32), colin.affine))):
         data = resample_to_img(img, tpl_img, interpolation="linear", force_resample=True, copy_header=True).get_fdata()
-        m = metrics.template_similarity(data, template, mask)
-        m.update(iqms.structural_iqms(data.astype(np.float32), mask, "T1w"))
-        m.update(tissue_contrast(data, tissues))
+        m = anat_metrics(data.astype(np.float32), "T1w", template, mask, tissues)  # what the group step measures
         records.append({"subject": name, "modality": "T1w", "path": f"sub-{name}/anat/x.nii.gz", **m})
     by = build_table(records, QCConfig()).set_index("subject")
     assert by.loc["clean", "qc_pass"], by.loc["clean", "qc_reason"]

@@ -22,6 +22,7 @@ from workflows.interfaces.anat import (
     DeepBetMask,
     N4Correct,
     RegisterAffine,
+    RegisterSyN,
     ResampleToTemplate,
     TemplateMaskToNative,
     ValidateAnat,
@@ -104,6 +105,8 @@ def init_anat_preproc_wf(
             iterations=list(a.registration_iterations),
             shrink_factors=list(a.registration_shrink_factors),
             smoothing_sigmas=[float(s) for s in a.registration_smoothing_sigmas],
+            sampling_rate=a.registration_sampling_rate,
+            moving_resolution_mm=a.registration_moving_resolution_mm,
             seed=a.registration_seed,
             num_threads=threads,
         ),
@@ -128,26 +131,54 @@ def init_anat_preproc_wf(
         ])
     else:
         strip = pe.Node(
-            TemplateMaskToNative(template_mask=str(get_template(a.registration_resolution, "mask", "brain", tdir))),
+            TemplateMaskToNative(template_mask=str(get_template(a.registration_resolution, "mask", "brain", tdir)),
+                                 num_threads=threads),
             name="skullstrip_template",
+            n_procs=threads,
         )
         wf.connect([
             (n4, strip, [("out_file", "native")]),
             (register, strip, [("xfm", "xfm")]),
         ])
 
+    # ``to_std`` gives the transform every MNI output goes through: the affine, or with
+    # ``registration = "syn"`` the composite of the affine and the SyN warp (the template-mask skull strip
+    # above always uses the affine: a displacement field is not inverted by a flag).
+    to_std = register
+    if a.registration == "syn":
+        to_std = pe.Node(
+            RegisterSyN(
+                template=str(registration_template(modality, use_deepbet, cfg)),
+                metric=a.syn_metric,
+                iterations=list(a.syn_iterations),
+                moving_resolution_mm=a.registration_moving_resolution_mm,
+                seed=a.registration_seed,
+                num_threads=threads,
+            ),
+            name="register_syn",
+            n_procs=threads,
+        )
+        wf.connect([
+            (n4, to_std, [("out_file", "moving")]),
+            (register, to_std, [("xfm", "affine_xfm")]),
+        ])
+        if use_deepbet:
+            wf.connect(strip, "out_mask", to_std, "moving_mask")
+
     wf.connect([
         (n4, outputnode, [("out_file", "preproc")]),
         (strip, outputnode, [("out_mask", "mask")]),
-        (register, outputnode, [("xfm", "xfm")]),
+        (to_std, outputnode, [("xfm", "xfm")]),
     ])
 
     params = config_to_dict(a)
     for i, res in enumerate(a.output_resolutions):
         grid = str(get_template(res, "mask", "brain", tdir))
-        rs_img = pe.Node(ResampleToTemplate(template=grid, kind="image"), name=f"resample_preproc_res{res}")
-        rs_mask = pe.Node(ResampleToTemplate(template=grid, kind="mask"), name=f"resample_mask_res{res}")
-        rs_bias = pe.Node(ResampleToTemplate(template=grid, kind="field"), name=f"resample_biasfield_res{res}")
+        rs_img, rs_mask, rs_bias = (
+            pe.Node(ResampleToTemplate(template=grid, kind=kind, num_threads=threads),
+                    name=f"resample_{label}_res{res}", n_procs=threads)
+            for kind, label in (("image", "preproc"), ("mask", "mask"), ("field", "biasfield"))
+        )
         sink = pe.Node(
             WriteAnatDerivatives(
                 output_dir=output_dir,
@@ -169,15 +200,17 @@ def init_anat_preproc_wf(
             (n4, rs_img, [("out_file", "in_file")]),
             (strip, rs_mask, [("out_mask", "in_file")]),
             (n4, rs_bias, [("bias_field", "in_file")]),
-            (register, rs_img, [("xfm", "xfm")]),
-            (register, rs_mask, [("xfm", "xfm")]),
-            (register, rs_bias, [("xfm", "xfm")]),
+            (to_std, rs_img, [("xfm", "xfm")]),
+            (to_std, rs_mask, [("xfm", "xfm")]),
+            (to_std, rs_bias, [("xfm", "xfm")]),
             (rs_img, sink, [("out_file", "preproc")]),
             (rs_mask, sink, [("out_file", "mask")]),
             (rs_bias, sink, [("out_file", "biasfield")]),
             (register, sink, [("xfm", "xfm")]),
             (validate, sink, [("fixes_file", "fixes_file")]),
         ])
+        if to_std is not register:
+            wf.connect(to_std, "xfm", sink, "warp")
         if i == 0:
             wf.connect([
                 (rs_img, outputnode, [("out_file", "std_preproc")]),

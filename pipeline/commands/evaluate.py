@@ -10,14 +10,17 @@ HELP = "evaluate a pretraining run: frozen-embedding probes vs FC / random-encod
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options."""
     parser.add_argument("run_dir", metavar="RUN_DIR", help="pretraining run folder (neurocurate pretrain --out)")
-    parser.add_argument("--shards", required=True, metavar="SHARDS_DIR", help="shards to evaluate on (folder with index.parquet)")
+    parser.add_argument("--shards", metavar="SHARDS_DIR",
+                        help="shards to evaluate on (folder with index.parquet; default: the shards the run was trained "
+                             "on, RUN_DIR/training_data.json); a store with another ROI set is refused")
     parser.add_argument("--target", required=True, help="label column: diagnosis, sex, age or any participants.tsv column")
     parser.add_argument("--split", choices=("site", "subject", "kfold"), default="kfold",
                         help="leave-site-out, the index's held-out test subjects, or subject-grouped k-fold (default)")
     parser.add_argument("--few-shot", type=int, metavar="K", help="train on K subjects per class (5 resamples per fold)")
     parser.add_argument("--store", help="store to evaluate (default: the only fMRI store)")
     parser.add_argument("--reference-shards", metavar="DIR",
-                        help="shards the run was trained on: their gradient coordinates position the ROIs (default: the evaluated store's)")
+                        help="shards the run was trained on: their gradient coordinates position the ROIs "
+                             "(default: the gradients the run recorded, RUN_DIR/training_gradients.npy)")
     parser.add_argument("--atlas-image", metavar="NIFTI", help="labels image of the atlas, to name networks of ROIs without Yeo names (e.g. CC200)")
     parser.add_argument("--checkpoint", help="checkpoint file (default: the newest in RUN_DIR/checkpoints)")
     parser.add_argument("--out", metavar="DIR", help="report folder (default RUN_DIR/evaluation/<target>_<split>[_k<K>])")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "preprocess a BIDS dataset (participant level) or build the curation table and QC reports (group level)"
 
@@ -20,10 +21,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_execution_arguments(parser)
     parser.add_argument("--config", help="TOML config file; flags override it")
     parser.add_argument("--skull-strip", choices=["deepbet", "template"], help="skull-strip method for T1w")
+    add_registration_argument(parser)
     parser.add_argument("--output-resolution", type=int, nargs="+", choices=[1, 2], metavar="MM",
                         help="MNI output resolutions in mm (default 2)")
     parser.add_argument("--template-dir", help="folder with MNI152NLin6Asym templates (needed for 1 mm)")
     parser.add_argument("--stop-on-first-crash", action="store_true", default=None)
+
+
+def add_registration_argument(parser: argparse.ArgumentParser) -> None:
+    """``--registration affine|syn`` of ``prep`` and ``run`` (``[anat] registration``)."""
+    parser.add_argument("--registration", choices=["affine", "syn"],
+                        help="normalisation to MNI: 12-dof affine (default) or affine + ANTs SyN (nonlinear; "
+                             "the warp is written as ..._xfm.h5 and used for BOLD too)")
 
 
 def add_execution_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,8 +97,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
     anat = {
         "skull_strip": args.skull_strip,
         "output_resolutions": args.output_resolution,
+        "registration": args.registration,
     }
-    templates = {"template_dir": args.template_dir}
+    # Absolute: nipype runs nodes in their own working folders, where a relative path means nothing.
+    templates = {"template_dir": str(Path(args.template_dir).resolve()) if args.template_dir else None}
     for section, values in (("anat", anat), ("templates", templates)):
         values = {k: v for k, v in values.items() if v is not None}
         if values:

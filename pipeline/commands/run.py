@@ -31,9 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-on-first-crash", action="store_true",
                         help="stop at the first failing node (nipype) and run no later stage after a partial one")
     parser.add_argument("--work-dir", "-w", help="nipype work folder (default OUTPUT_DIR/.work)")
-    from pipeline.commands.prep import add_execution_arguments
+    from pipeline.commands.prep import add_execution_arguments, add_registration_argument
 
     add_execution_arguments(parser)
+    add_registration_argument(parser)
     parser.add_argument("--target", help="evaluation target column (default [run].evaluate_target)")
 
 
@@ -48,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.setdefault("execution", {})["stop_on_first_crash"] = True
     if args.target is not None:
         overrides["run"] = {"evaluate_target": args.target}
+    if args.registration is not None:
+        overrides["anat"] = {"registration": args.registration}
     cfg = load_config(args.config, overrides)
     runner = StageRunner(args.bids_dir, args.output_dir, cfg, work_dir=args.work_dir, force=args.force,
                          retry_failed=args.retry_failed)

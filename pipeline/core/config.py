@@ -108,6 +108,9 @@ class AnatConfig:
 
     skull_strip: Literal["deepbet", "template"] = "deepbet"
     output_resolutions: tuple[int, ...] = (2,)
+    # "syn": ANTs SyN (quick preset, started from the affine) after the affine; the transform to MNI is then
+    # an ITK composite (.h5) used for the anatomical and the BOLD outputs. "affine": the 12-dof affine only.
+    registration: Literal["affine", "syn"] = "affine"
     # Registration runs at this template resolution; 2 mm keeps it near 4 s.
     registration_resolution: int = 2
     # Mattes mutual information; GC (global correlation) is the alternative for same-contrast pairs.
@@ -115,13 +118,22 @@ class AnatConfig:
     registration_iterations: tuple[int, ...] = (2100, 1200, 1200, 10)
     registration_shrink_factors: tuple[int, ...] = (6, 4, 2, 1)
     registration_smoothing_sigmas: tuple[float, ...] = (3.0, 2.0, 1.0, 0.0)
+    # Share of the template voxels the affine metric samples (ANTs' random sampling rate).
+    registration_sampling_rate: float = 0.2
+    # > 0: the moving image is smoothed and resampled to this grid before registering (issue 13: the template
+    # is 2 mm, a 1 mm moving image only adds cost); 0 = the scan's own grid (the pre-issue-13 behaviour).
+    registration_moving_resolution_mm: float = 2.0
     registration_seed: int = 13
-    # N4 runs within a head mask at 1/4 resolution: the field is smooth, and it keeps N4 at a few seconds.
-    n4_shrink_factor: int = 4
-    # > 0: N4 fits the field on a copy at this resolution and interpolates it back (2.0 makes N4 ~15x
-    # faster on 1 mm scans, but on the real neck scan CJV rose 0.46 -> 0.52, past the QC limit); 0 = native grid.
-    n4_working_resolution_mm: float = 0.0
-    n4_iterations: tuple[int, ...] = (50, 50, 50, 50)
+    # SyN levels (iterations per level, coarse to fine; the quick preset's 40x20x0) and metric.
+    syn_iterations: tuple[int, ...] = (40, 20, 0)
+    syn_metric: Literal["mattes", "CC", "meansquares"] = "mattes"
+    # N4 fits the field on a copy at n4_working_resolution_mm (when the scan is finer) and interpolates it
+    # back; inside N4 that copy is shrunk by n4_shrink_factor. Issue-13 default 3 mm x 2 with 25 iterations
+    # per level (a 6 mm fit, ~3 s CPU per 1 mm scan); the pre-issue-13 setting was the native grid (0) x 4
+    # with 50 per level (30-45 s per 1 mm scan).
+    n4_shrink_factor: int = 2
+    n4_working_resolution_mm: float = 3.0
+    n4_iterations: tuple[int, ...] = (25, 25, 25, 25)
     n4_convergence: float = 1e-7
     deepbet_threshold: float = 0.5
     # Cube the deepbet bounding box is resampled to; 192 matches 256's Dice at a third of the CPU time.
@@ -341,7 +353,7 @@ class QCConfig:
        ``outlier_k``) for groups of a known site with at least
        ``outlier_rule_min_group`` scans. Sites come from the column
        ``site_column`` of ``OUTPUT_DIR/participants.tsv``.
-    4. Classifier: gradient boosting on the reference z-scores, trained on the
+    4. Classifier: monotone gradient boosting on reference z-scores, trained on the
        shipped artifact table (``qc/data/classifier_training.tsv``) plus this
        dataset's reviewer ratings, each rating repeated ``rating_weight``
        times; a scan fails when P(artifact) >= ``classifier_threshold``.
@@ -359,7 +371,7 @@ class QCConfig:
     reference_table: str = ""
     # Both chosen by leave-one-source-out over the 9 sources of benchmarks/qc_generalisation.py (smallest values
     # whose inner false-reject rate on clean + mild stays <= 0.03); see benchmarks/README.md for what they reach.
-    reference_z_limit: float = 10.0
+    reference_z_limit: float = 15.0
     outlier_k: float = 3.5
     outlier_min_group: int = 5
     outlier_rule_min_group: int = 10

@@ -102,6 +102,8 @@ class AnatOutputs:
     mask: Path
     biasfield: Path
     xfm: Path
+    #: With ``[anat] registration = "syn"``: the ITK composite (affine + SyN warp, HDF5) the MNI outputs went through.
+    warp: Path
 
 
 def anat_outputs(output_dir: str | Path, entities: Mapping[str, str | int | None], modality: str, res: int = 2) -> AnatOutputs:
@@ -122,6 +124,7 @@ def anat_outputs(output_dir: str | Path, entities: Mapping[str, str | int | None
         mask=folder / build_name({**std, "desc": mask_desc}, "mask", ".nii.gz"),
         biasfield=folder / build_name({**std, "desc": "biasfield"}, modality, ".nii.gz"),
         xfm=folder / build_name({**ents, "from": modality, "to": SPACE, "mode": "image"}, "xfm", ".mat"),
+        warp=folder / build_name({**ents, "from": modality, "to": SPACE, "mode": "image"}, "xfm", ".h5"),
     )
 
 

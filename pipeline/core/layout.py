@@ -17,6 +17,7 @@ is built by :mod:`pipeline.core.derivatives`; this module owns everything around
         pretrain/                                     RUN_DIR of ``neurocurate run``
         .work/                                        nipype work folder (default)
         .manifests/<stage>.json                       what each stage last ran on
+        .qc-cache/<sha256>.json                       QC metrics of one scan, keyed by its inputs' content (qc.cache)
 
     SHARDS_DIR/
         index.parquet                                 the sample index (all stores)
@@ -25,6 +26,7 @@ is built by :mod:`pipeline.core.derivatives`; this module owns everything around
 
     RUN_DIR/
         checkpoints/step-<8 digits>.pt, metrics.jsonl
+        training_data.json, training_gradients.npy    what the run was trained on (shards, store, ROI set, gradients)
         evaluation/<target>_<split>/report.{html,json}
 """
 
@@ -189,6 +191,14 @@ class OutputLayout:
         return self.manifests_dir / f"{stage}.json"
 
     @property
+    def qc_cache_dir(self) -> Path:
+        """Per-scan QC metrics of the group step, one file per content key (:mod:`qc.cache`)."""
+        return self.root / ".qc-cache"
+
+    def qc_cache_entry(self, key: str) -> Path:
+        return self.qc_cache_dir / f"{key}.json"
+
+    @property
     def resolved_config(self) -> Path:
         return self.root / CONFIG_NAME
 
@@ -258,6 +268,16 @@ class RunLayout:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def training_data(self) -> Path:
+        """What the run was trained on: shards folder, store, split, ROI set and the gradients' digest (JSON)."""
+        return self.root / "training_data.json"
+
+    @property
+    def training_gradients(self) -> Path:
+        """The ``[R, k]`` gradient coordinates the run positioned its ROIs with (a copy, ``.npy``)."""
+        return self.root / "training_gradients.npy"
 
     def evaluation_dir(self, target: str, split: str, few_shot: int | None = None) -> Path:
         """The one home of an evaluation report: ``RUN_DIR/evaluation/<target>_<split>[_k<K>]``."""

@@ -12,7 +12,7 @@ encoder of the same architecture (the random-encoder baseline).
 Inputs are prepared by the run's own mask collator, so evaluation sees exactly
 what pretraining saw: fMRI windows of ``fmri.num_frames`` frames z-scored per
 ROI, positioned by the *run's* gradient coordinates (supplied by the caller,
-see :func:`pipeline.evaluation.run.reference_gradients`); volumes cropped to
+see :func:`pipeline.evaluation.run.positioning_gradients`); volumes cropped to
 ``anat.volume_shape`` and percentile-scaled. A run longer than one window is
 cut into up to ``max_windows`` consecutive windows whose embeddings are averaged.
 
@@ -76,6 +76,7 @@ class ShardSamples:
     data: list[np.ndarray]
     index: Any  # pandas.DataFrame
     fingerprint: str
+    atlas: str = ""
 
 
 @dataclass
@@ -182,7 +183,7 @@ def read_shard_samples(shards_dir: str | Path, target: str | None, *, store: str
     data = [by_id[s] for s in index["sample_id"].astype(str)]
     grads = ds.gradients_Rk.numpy() if ds.gradients_Rk is not None else None
     fp = hashlib.sha256(("|".join(index["sample_id"].astype(str)) + _file_fingerprint(ShardsLayout(shards_dir).index)).encode()).hexdigest()
-    return ShardSamples(ds.kind, ds.store, ds.roi_names, grads, data, index, fp)
+    return ShardSamples(ds.kind, ds.store, ds.roi_names, grads, data, index, fp, ds.atlas if ds.kind == "fmri" else "")
 
 
 def _windows(x_RT: np.ndarray, T: int, max_windows: int) -> list[np.ndarray]:

@@ -32,7 +32,7 @@ from pipeline.evaluation.metrics import (
 )
 from pipeline.evaluation.splits import Fold, check_no_leak, few_shot_subsets, make_splits
 
-__all__ = ["KNOWN_BASELINES", "ModelSpec", "encode_target", "evaluate_features", "evaluate_run", "reference_gradients"]
+__all__ = ["KNOWN_BASELINES", "ModelSpec", "encode_target", "evaluate_features", "evaluate_run", "positioning_gradients"]
 
 log = logging.getLogger(__name__)
 
@@ -199,31 +199,76 @@ def _few_shot(specs: list[ModelSpec], y: np.ndarray, subjects: np.ndarray, folds
 # --------------------------------------------------------------------------- from a run and shards
 
 
-def reference_gradients(samples, reference_shards: str | Path | None) -> tuple[np.ndarray | None, str]:
+def positioning_gradients(run_dir: str | Path, record, samples, shards_dir: str | Path,
+                          reference_shards: str | Path | None) -> tuple[np.ndarray | None, str]:
     """Gradient coordinates to position the ROIs, and where they came from.
 
-    The run's own coordinates are those of the store it was trained on
-    (``reference_shards``); they must describe the same ROIs, in the same
-    order, as the evaluated store. Without a reference the evaluated store's
-    coordinates are used (the same thing when evaluating on the training shards).
+    The ROIs are positioned as in pretraining: by the gradients the run recorded
+    (``RUN_DIR/training_gradients.npy``, :mod:`pipeline.pretrain.record`), whatever the evaluated
+    store holds, or by those of ``reference_shards`` when given (which must then be the run's own,
+    if it recorded them). A store whose ROI set is not the one the run was trained on (kind, atlas,
+    number, names and order of the ROIs) is refused. A run from before runs recorded their data
+    falls back to the evaluated store's coordinates (with a warning), and is refused when that store
+    has none rather than silently positioning the ROIs by their index.
+
+    Parameters
+    ----------
+    run_dir : path-like
+        The pretraining run.
+    record : pipeline.pretrain.record.TrainingData or None
+        The run's training record (``None``: an old run without one).
+    samples : ShardSamples
+        The evaluated store's samples.
+    shards_dir : path-like
+        The evaluated shards folder (named in errors).
+    reference_shards : path-like, optional
+        Shards the run was trained on, whose gradients position the ROIs instead.
     """
     from pipeline.core.config import LoaderConfig
+    from pipeline.pretrain.record import gradients_digest, load_training_gradients
     from pipeline.store.loader import ShardDataset
 
+    run = RunLayout(run_dir)
+    store_dir = ShardsLayout(shards_dir).store_dir(samples.store)
+    if record is not None:
+        reason = record.roi_set_mismatch(samples.kind, samples.atlas, samples.roi_names)
+        if reason:
+            raise InputError(store_dir, f"{reason} ({run.training_data}); evaluate on shards of that ROI set")
     if samples.kind != "fmri":
         return None, "none (structural store)"
-    if reference_shards is None:
-        return samples.gradients_Rk, f"evaluated store {samples.store}"
-    try:
-        ref = ShardDataset(reference_shards, LoaderConfig(window_length=0, normalization="none"), store=samples.store,
-                           training=False)
-    except ValueError as exc:  # the loader refuses an unknown store with a ValueError
-        raise InputError(ShardsLayout(reference_shards).index, str(exc)) from None
-    if ref.roi_names != samples.roi_names:
-        raise InputError(Path(reference_shards) / ref.store,
-                         f"ROI names differ from the evaluated store {samples.store}: the run's atlas must match")
-    grads = ref.gradients_Rk.numpy() if ref.gradients_Rk is not None else None
-    return grads, f"reference store {Path(reference_shards) / ref.store}"
+    if reference_shards is not None:
+        try:
+            ref = ShardDataset(reference_shards, LoaderConfig(window_length=0, normalization="none"),
+                               store=samples.store, training=False)
+        except ValueError as exc:  # the loader refuses an unknown store with a ValueError
+            raise InputError(ShardsLayout(reference_shards).index, str(exc)) from None
+        if ref.roi_names != samples.roi_names:
+            raise InputError(Path(reference_shards) / ref.store,
+                             f"ROI names differ from the evaluated store {samples.store}: the run's atlas must match")
+        grads = ref.gradients_Rk.numpy() if ref.gradients_Rk is not None else None
+        if record is not None:
+            digest = gradients_digest(grads) if grads is not None else None
+            if digest != record.gradients_sha256:
+                what = f"gradients (sha256 {digest[:12]})" if digest else "no gradients"
+                raise InputError(Path(reference_shards) / ref.store,
+                                 f"has {what} but the run was trained with "
+                                 f"{'sha256 ' + record.gradients_sha256[:12] if record.gradients_sha256 else 'none'} "
+                                 f"({run.training_data}); these are not the shards it was trained on")
+        if grads is None:
+            return None, f"none: reference store {Path(reference_shards) / ref.store} has no gradients (ROI-index positions, as in training)"
+        return grads, f"reference store {Path(reference_shards) / ref.store}"
+    if record is not None:
+        grads = load_training_gradients(run.root, record)
+        if grads is None:
+            return None, f"none: the run was trained without gradients (ROI-index positions, {run.training_data.name})"
+        return grads, f"the run's training gradients ({run.training_gradients.name}, store {record.store})"
+    if samples.gradients_Rk is None:
+        raise InputError(run.training_data, f"missing (a run from before runs recorded their data) and store "
+                                            f"{store_dir} has no gradients; pass --reference-shards (the shards "
+                                            "the run was trained on)")
+    log.warning("%s: the run does not record its training gradients; positioning the ROIs by the evaluated store's",
+                run.root)
+    return samples.gradients_Rk, f"evaluated store {samples.store} (the run does not record its training gradients)"
 
 
 def _linear_spec(name: str, X_NF: np.ndarray, y: np.ndarray, subjects: np.ndarray, task: str, n_classes: int,
@@ -337,7 +382,7 @@ def _downsampled(volumes: list[np.ndarray]) -> np.ndarray:
     return torch.nn.functional.avg_pool3d(stack, 2, ceil_mode=True)[:, 0].numpy()
 
 
-def evaluate_run(run_dir: str | Path, shards_dir: str | Path, target: str, *, split: str = "kfold",
+def evaluate_run(run_dir: str | Path, shards_dir: str | Path | None, target: str, *, split: str = "kfold",
                  few_shot: int | None = None, cfg: EvaluateConfig = EvaluateConfig(), out_dir: str | Path | None = None,
                  store: str | None = None, reference_shards: str | Path | None = None,
                  atlas_image: str | Path | None = None, checkpoint: str | Path | None = None) -> dict[str, Any]:
@@ -347,8 +392,9 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, target: str, *, sp
     ----------
     run_dir : path-like
         Pretraining ``RUN_DIR``; embeddings are cached in ``RUN_DIR/embeddings``.
-    shards_dir : path-like
-        Shards to evaluate on (any import with the run's atlas).
+    shards_dir : path-like or None
+        Shards to evaluate on (any import with the run's ROI set); ``None``: the shards the run was
+        trained on (``RUN_DIR/training_data.json``).
     target : str
         A label column of the index (``diagnosis``, ``sex``, ``age``, ...).
     split : {"kfold", "site", "subject"}
@@ -356,8 +402,11 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path, target: str, *, sp
         K subjects per class.
     out_dir : path-like, optional
         Default ``RUN_DIR/eval/<target>_<split>[_k<K>]``.
+    store : str, optional
+        Store to evaluate (default: the run's training store when the shards have it, else the only fMRI store).
     reference_shards : path-like, optional
-        The shards the run was trained on, for its gradient coordinates.
+        The shards the run was trained on, for its gradient coordinates (default: the gradients the run
+        recorded, see :func:`positioning_gradients`).
     atlas_image : path-like, optional
         Labels NIfTI of the atlas, to name the networks of ROIs without network names.
 
@@ -383,12 +432,26 @@ def _evaluate_run(run_dir, shards_dir, target: str, *, split: str, few_shot: int
     from pipeline.evaluation.report import write_report
     from pipeline.evaluation.routing import network_routing, roi_networks
 
-    run_dir, shards_dir = Path(run_dir), Path(shards_dir)
+    from pipeline.pretrain.record import read_training_data
+    from pipeline.store.read import read_index
+
+    run_dir = Path(run_dir)
+    record = read_training_data(run_dir)
+    if shards_dir is None:
+        if record is None:
+            raise InputError(RunLayout(run_dir).training_data, "missing (a run from before runs recorded their data); "
+                                                               "pass --shards SHARDS_DIR")
+        shards_dir = record.shards_dir
+    shards_dir = Path(shards_dir)
+    if store is None and record is not None and record.store in set(read_index(shards_dir)[0]["store"].astype(str)):
+        store = record.store
     out_dir = Path(out_dir) if out_dir else RunLayout(run_dir).evaluation_dir(target, split, few_shot)
     t0 = time.perf_counter()
     samples = read_shard_samples(shards_dir, target, store=store)
     if len(samples.data) == 0:
         raise InputError(ShardsLayout(shards_dir).index, f"no samples with a {target!r} label in store {samples.store}")
+    # the ROI set is checked (and the ROIs' positions chosen) before anything else is computed
+    gradients, grad_source = positioning_gradients(run_dir, record, samples, shards_dir, reference_shards)
     y, classes, task = encode_target(samples.index[target], target)
     if few_shot and task != "classification":
         raise InputError("--few-shot", f"few-shot evaluation needs a classification target; {target!r} is continuous")
@@ -402,7 +465,6 @@ def _evaluate_run(run_dir, shards_dir, target: str, *, split: str, few_shot: int
                             y=y if task == "classification" else None, k=cfg.kfold, seed=cfg.seed)
     except ValueError as exc:
         raise InputError(ShardsLayout(shards_dir).index, str(exc)) from None
-    gradients, grad_source = reference_gradients(samples, reference_shards)
     cache = run_dir / "embeddings"
     enc = load_encoder(run_dir, checkpoint=checkpoint)
     pretrained = embed_samples(enc, samples, gradients_Rk=gradients, max_windows=cfg.max_windows,
@@ -432,6 +494,7 @@ def _evaluate_run(run_dir, shards_dir, target: str, *, split: str, few_shot: int
         "run_dir": str(run_dir), "checkpoint": str(enc.checkpoint), "step": enc.step, "shards_dir": str(shards_dir),
         "store": samples.store, "target": target, "classes": classes, "split": split, "n_samples": len(y),
         "n_subjects": int(np.unique(subjects).size), "gradients": grad_source, "routing": routing,
+        "training_data": record.identity() if record is not None else None,
         "roi_networks": {str(n): int(c) for n, c in zip(*np.unique(networks, return_counts=True))},
         "seconds": {"read_and_embed": round(t_embed, 1), "total": round(time.perf_counter() - t0, 1)},
         "config": config_to_dict(cfg),

@@ -11,7 +11,7 @@ or a wrongly typed value is an error naming the file and the key.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +26,7 @@ __all__ = [
     "TrainConfig",
     "load_pretrain_config",
     "named_configs",
+    "resolve_states",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -105,6 +106,10 @@ class MoEConfig:
     ``capacity_factor`` 0 means no token is ever dropped by token-choice
     routers; for ``expert_choice`` it sets each expert's capacity
     (1.0 = non-overlapping assignment of every token to exactly one expert).
+    ``states`` (``state_experts``: one expert per state): empty by default, in which case
+    ``neurocurate pretrain`` takes the tasks present in the training split of the index
+    (:func:`resolve_states`); listed, they fix the experts' order and must cover those tasks.
+    The resolved list is what a run's checkpoints and ``pretrain_config.toml`` record.
     """
 
     enabled: bool = True
@@ -122,7 +127,7 @@ class MoEConfig:
     subject_slots: int = 4096
     subject_l2: float = 0.001
     hierarchical: bool = False
-    states: tuple[str, ...] = ("rest",)
+    states: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,10 +183,15 @@ def _validate(cfg: PretrainConfig, where: str) -> PretrainConfig:
     if not 0.0 < a.target_ratio < 1.0:
         raise ConfigError(f"{where}: anat.target_ratio must be in (0, 1)")
     if moe.enabled:
-        if moe.router != "expert_choice" and not 1 <= moe.top_k <= moe.num_experts:
+        if moe.router == "state_experts":
+            if moe.top_k < 1 or (moe.states and moe.top_k > len(moe.states)):
+                raise ConfigError(f"{where}: moe.top_k = {moe.top_k} but the state_experts router has "
+                                  f"{len(moe.states)} expert(s), one per state {list(moe.states)}; "
+                                  f"set 1 <= moe.top_k <= {len(moe.states)}")
+            if len(set(moe.states)) != len(moe.states):
+                raise ConfigError(f"{where}: moe.states lists a state twice: {list(moe.states)}")
+        elif moe.router != "expert_choice" and not 1 <= moe.top_k <= moe.num_experts:
             raise ConfigError(f"{where}: moe.top_k must be between 1 and moe.num_experts")
-        if moe.router == "state_experts" and len(moe.states) < 1:
-            raise ConfigError(f"{where}: moe.states must list at least one state for the state_experts router")
         if moe.every < 1:
             raise ConfigError(f"{where}: moe.every must be >= 1")
     lengths = {
@@ -228,3 +238,42 @@ def load_pretrain_config(name_or_path: str | Path) -> PretrainConfig:
 def config_from_dict(data: dict, where: str = "config") -> PretrainConfig:
     """Build and validate a :class:`PretrainConfig` from a nested mapping (tests, overrides)."""
     return _validate(from_dict(PretrainConfig, data, where=where), where)
+
+
+def resolve_states(cfg: PretrainConfig, tasks, where: str) -> PretrainConfig:
+    """``cfg`` with the ``state_experts`` router's states taken from the training data, validated against ``top_k``.
+
+    Parameters
+    ----------
+    cfg : PretrainConfig
+        Loaded config; returned unchanged unless the MoE uses the ``state_experts`` router.
+    tasks : iterable of str
+        The ``task`` of every training sample (the index's task column of the training split).
+    where : str
+        What to name in an error (the index the tasks came from).
+
+    Raises
+    ------
+    ConfigError
+        No task labels, a task missing from an explicit ``moe.states``, or ``moe.top_k`` larger than the
+        number of state experts; raised before any model is built.
+    """
+    moe = cfg.moe
+    if not moe.enabled or moe.router != "state_experts":
+        return cfg
+    present = sorted({str(t) for t in tasks if t is not None and str(t) not in ("", "nan")})
+    if moe.states:
+        missing = [t for t in present if t not in moe.states]
+        if missing:
+            raise ConfigError(f"{where}: task(s) {missing} of the training split are not in moe.states "
+                              f"{list(moe.states)}; list them or leave moe.states empty to take the index's tasks")
+        states = tuple(moe.states)
+    else:
+        if not present:
+            raise ConfigError(f"{where}: the state_experts router needs the index's task column, but no sample of "
+                              "the training split has a task")
+        states = tuple(present)
+    if not 1 <= moe.top_k <= len(states):
+        raise ConfigError(f"{where}: moe.top_k = {moe.top_k} but the state_experts router has {len(states)} expert(s), "
+                          f"one per task of the training split {list(states)}; set moe.top_k <= {len(states)}")
+    return replace(cfg, moe=replace(moe, states=states))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.core.config import ConfigError
 from pipeline.pretrain.config import MoEConfig
 from pipeline.pretrain.moe import FeedForward, MoE, moe_layers
 
@@ -109,6 +110,10 @@ class Transformer(nn.Module):
                 experts = moe.num_experts * (2**n_moe if moe.hierarchical else 1)
                 if moe.router == "state_experts":
                     experts = len(moe.states)
+                    if not 1 <= moe.top_k <= experts:
+                        raise ConfigError(f"moe.top_k = {moe.top_k} but the state_experts router has {experts} "
+                                          f"state expert(s) {list(moe.states)}; the states come from the index's "
+                                          "task column (neurocurate pretrain) or moe.states")
                 ffn: nn.Module = MoE(cfg.dim, experts, moe)
                 n_moe += 1
             else:

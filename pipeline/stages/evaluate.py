@@ -19,7 +19,7 @@ __all__ = ["run_evaluate"]
 
 def run_evaluate(
     run_dir: str | Path,
-    shards_dir: str | Path,
+    shards_dir: str | Path | None,
     target: str,
     cfg: Config,
     *,
@@ -37,8 +37,9 @@ def run_evaluate(
     ----------
     run_dir : path-like
         Pretraining run folder.
-    shards_dir : path-like
-        Shards to evaluate on.
+    shards_dir : path-like or None
+        Shards to evaluate on; ``None``: the shards the run was trained on (``RUN_DIR/training_data.json``).
+        A store whose ROI set differs from the run's is refused (:class:`~pipeline.core.errors.InputError`).
     target : str
         Label column (``diagnosis``, ``sex``, ``age`` or any participants.tsv column).
     cfg : Config

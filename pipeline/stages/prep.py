@@ -27,7 +27,7 @@ from pipeline.core.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
 from pipeline.core.layout import OutputLayout
 
 __all__ = ["CrashRecord", "collect_crashes", "ensure_login_name", "failed_subjects", "nipype_plugin_args",
-           "refresh_descriptions", "run_prep"]
+           "refresh_descriptions", "run_prep", "scan_threads"]
 
 LOG = logging.getLogger(__name__)
 
@@ -53,6 +53,18 @@ def nipype_plugin_args(cfg: Config) -> dict:
     if ex.plugin in ("MultiProc", "LegacyMultiProc"):
         args = {"n_procs": ex.nprocs, "memory_gb": ex.mem_gb, "raise_insufficient": False}
     return {**args, **ex.plugin_args}
+
+
+def scan_threads(ex, requested: int, n_scans: int):
+    """``[execution]`` with each node's threads raised so that fewer scans than processes still use every core.
+
+    Only when the threads are automatic (``requested`` 0) on a local MultiProc pool: ``n_scans`` scans get
+    ``max(omp_nthreads, nprocs // n_scans)`` threads per node (at most 8), so a lone subject's chain, e.g.
+    one added to a processed dataset, runs on all ``nprocs`` cores instead of one.
+    """
+    if requested or n_scans <= 0 or ex.plugin not in ("MultiProc", "LegacyMultiProc"):
+        return ex
+    return replace(ex, omp_nthreads=min(ex.nprocs, max(ex.omp_nthreads, min(ex.nprocs // n_scans, 8))))
 
 
 def ensure_login_name() -> None:
@@ -273,7 +285,8 @@ def run_prep(
         return EXIT_ERROR
     from pipeline.core.parallel import resolve_execution
 
-    run_cfg = replace(cfg, execution=resolve_execution(cfg.execution))
+    run_cfg = replace(cfg, execution=scan_threads(resolve_execution(cfg.execution), cfg.execution.omp_nthreads,
+                                                  sum(len(s.anat) + len(s.bold) for s in subjects.values())))
     ensure_login_name()
     wf = init_neurocurate_wf(subjects=subjects, output_dir=output_dir, work_dir=work_dir, cfg=run_cfg)
     wf.config["execution"].update({

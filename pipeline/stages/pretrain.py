@@ -42,6 +42,30 @@ def _init_distributed():
     return torch.device("cpu")
 
 
+def _record_training_data(run: RunLayout, shards_dir: Path, dataset, split: str, *, resuming: bool) -> None:
+    """Write what the run trains on (``RUN_DIR/training_data.json`` + its gradients); refuse to resume on other data.
+
+    A run that resumes from a checkpoint must see the store, split, ROI set, gradients and tasks it started
+    with; only the shards' location and the index may change (the record is then updated).
+    """
+    import torch
+
+    from pipeline.pretrain.checkpoint import latest_checkpoint
+    from pipeline.pretrain.record import read_training_data, training_data_of, write_training_data
+
+    record, grads = training_data_of(shards_dir, dataset, split)
+    if resuming and latest_checkpoint(run.root) is not None:
+        old = read_training_data(run.root)
+        if old is not None and old.identity() != record.identity():
+            new_id, old_id = record.identity(), old.identity()
+            changed = ", ".join(k for k in new_id if new_id[k] != old_id[k])
+            raise InputError(run.training_data, f"the run was trained on store {old.store} ({old.describe()}, split "
+                                                f"{old.split}) of {old.shards_dir}; this data differs in {changed}; "
+                                                "pass --no-resume or another --out for a new model")
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0:
+        write_training_data(run.root, record, grads)
+
+
 def run_pretrain(
     shards_dir: str | Path,
     run_dir: str | Path,
@@ -62,7 +86,9 @@ def run_pretrain(
     shards_dir : path-like
         Folder with ``index.parquet`` (``neurocurate shards``).
     run_dir : path-like
-        Run folder: ``metrics.jsonl``, ``checkpoints/``, the resolved pretraining config.
+        Run folder: ``metrics.jsonl``, ``checkpoints/``, the resolved pretraining config, and what the run was
+        trained on (``training_data.json`` + ``training_gradients.npy``, see :mod:`pipeline.pretrain.record`),
+        which ``neurocurate evaluate`` uses by default.
     config : str
         Named pretraining config (``pipeline/configs/pretrain_<name>.toml``) or a TOML file.
     store : str, optional
@@ -82,7 +108,7 @@ def run_pretrain(
     """
     import torch
 
-    from pipeline.pretrain.config import load_pretrain_config
+    from pipeline.pretrain.config import load_pretrain_config, resolve_states
     from pipeline.pretrain.train import Trainer, loader_config
     from pipeline.store.loader import ShardDataset
 
@@ -116,6 +142,10 @@ def run_pretrain(
                              f"holds {grads.shape[1]} gradient coordinates per ROI but the pretraining config "
                              f"needs fmri.gradient_dim = {cfg.fmri.gradient_dim}; rerun `neurocurate gradients` with "
                              f"--n-components {cfg.fmri.gradient_dim} and `neurocurate shards`, or lower gradient_dim")
+        # state_experts: one expert per task of the training split, checked against top_k before any model exists
+        cfg = resolve_states(cfg, dataset.index["task"] if "task" in dataset.index else [],
+                             str(ShardsLayout(shards_dir).index))
+        _record_training_data(run, shards_dir, dataset, split, resuming=resume and not fresh)
         trainer = Trainer(cfg, dataset, run.root, device=dist_device or device, resume=resume and not fresh,
                           progress=progress)
         history = trainer.fit(max_steps)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
 from pipeline.core.derivatives import SPACE, anat_outputs
 from pipeline.core.provenance import SIDECAR_DISTRIBUTIONS, software_versions
@@ -27,6 +27,7 @@ class _AnatSinkInputSpec(BaseInterfaceInputSpec):
     mask = File(exists=True, mandatory=True)
     biasfield = File(exists=True, mandatory=True)
     xfm = File(exists=True, mandatory=True)
+    warp = File(exists=True, desc="affine + SyN composite (.h5), when registration is syn")
     fixes_file = File(exists=True, mandatory=True)
 
 
@@ -52,7 +53,8 @@ class WriteAnatDerivatives(SimpleInterface):
             "SkullStripped": False,
             "SkullStripMethod": i.skull_strip,
             "RegistrationMetric": i.parameters.get("registration_metric", "mattes") if i.parameters else "mattes",
-            "Transform": out.xfm.name,
+            "Transform": out.warp.name if isdefined(i.warp) else out.xfm.name,
+            "AffineTransform": out.xfm.name,
             "BrainMask": out.mask.name,
             "BiasField": out.biasfield.name,
             "ValidationFixes": fixes,
@@ -67,8 +69,14 @@ class WriteAnatDerivatives(SimpleInterface):
             (i.xfm, out.xfm),
         ):
             written += publish_file(src, dst)
+        published = [out.preproc, out.mask, out.biasfield, out.xfm, out.sidecar]
+        if isdefined(i.warp):
+            written += publish_file(i.warp, out.warp)
+            published.append(out.warp)
+        elif out.warp.is_file():
+            out.warp.unlink()  # a warp of an earlier syn run no longer describes these outputs
         written += publish_json(sidecar, out.sidecar)
-        self._results["out_files"] = [str(p) for p in (out.preproc, out.mask, out.biasfield, out.xfm, out.sidecar)]
+        self._results["out_files"] = [str(p) for p in published]
         self._results["n_written"] = written
         return runtime
 

@@ -1,0 +1,163 @@
+"""Issue 13: the ITK thread count a node is given, the fast anatomical defaults on a real scan, and SyN from the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import ants
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.core.config import AnatConfig, QCConfig, load_config
+from pipeline.core.derivatives import anat_outputs
+from workflows.ops import anat as ops
+from workflows.ops.itk_threads import call_with_threads, itk_threads, thread_report
+
+
+def test_registration_config_and_fast_defaults():
+    a = AnatConfig()
+    assert a.registration == "affine"  # nonlinear only on request
+    assert a.n4_working_resolution_mm > 0 and a.registration_moving_resolution_mm > 0
+    assert load_config(None, {"anat": {"registration": "syn"}}).anat.registration == "syn"
+    with pytest.raises(ValueError, match="registration"):
+        load_config(None, {"anat": {"registration": "bspline"}})
+
+
+def test_a_node_gets_the_itk_threads_it_is_given():
+    """ITK fixes its pool when antspyx is imported: a different count runs in a fresh interpreter that has it."""
+    here = call_with_threads(itk_threads() or 1, thread_report)
+    n = here[1]
+    assert here[0] == os.getpid() and n == itk_threads()
+    two = call_with_threads(n + 2, thread_report)
+    four = call_with_threads(n + 4, thread_report)
+    assert two[0] != os.getpid() and two[1] == n + 2 and four[1] == n + 4
+    # Same imports in both children: the extra OS threads are ITK's pool, sized as asked.
+    assert four[2] - two[2] == 2
+    # The parent keeps its own count and keeps running in-process.
+    assert call_with_threads(n, thread_report)[0] == os.getpid()
+
+
+def test_child_errors_reach_the_caller(tmp_path):
+    n = itk_threads() or 1
+    with pytest.raises(Exception, match="does not exist"):
+        call_with_threads(n + 1, ops.validate_anat_file, str(tmp_path / "missing.nii.gz"), str(tmp_path / "o.nii"))
+
+
+# ----------------------------------------------------------------------------- real data
+
+def _chain(in_file, work, a: AnatConfig, template, tpl_mask):
+    work.mkdir(parents=True, exist_ok=True)
+    ras, n4, bias, mask, xfm = (str(work / n) for n in ("ras.nii", "n4.nii", "bias.nii", "mask.nii", "xfm.mat"))
+    ops.validate_anat_file(str(in_file), ras)
+    ops.n4_correct(ras, n4, bias, shrink_factor=a.n4_shrink_factor, iterations=a.n4_iterations,
+                   working_resolution_mm=a.n4_working_resolution_mm)
+    ops.deepbet_mask(n4, mask, model_shape=a.deepbet_shape)
+    ops.register_affine(n4, template, xfm, moving_mask=mask, sampling_rate=a.registration_sampling_rate,
+                        moving_resolution_mm=a.registration_moving_resolution_mm)
+    outs = {}
+    for src, kind in ((n4, "image"), (mask, "mask"), (bias, "field")):
+        outs[kind] = str(work / f"mni_{kind}.nii.gz")
+        ops.resample_to_template(src, tpl_mask, xfm, outs[kind], kind=kind)
+    return xfm, outs
+
+
+def _matrix(path):
+    tx = ants.read_transform(path)
+    p, c = np.asarray(tx.parameters), np.asarray(tx.fixed_parameters)
+    a, t = p[:9].reshape(3, 3), p[9:12]
+    m = np.eye(4)
+    m[:3, :3], m[:3, 3] = a, t + c - a @ c
+    return m
+
+
+def _decision(outs, template_dir):
+    from qc.curation import evaluate_rules, reference_failures
+    from qc.group import anat_metrics
+    from qc.metrics import template_tissues
+    from qc.reference import load_reference
+
+    t1 = nib.load(template_dir / "MNI152NLin6Asym_res-2_T1w.nii.gz").get_fdata(dtype=np.float32)
+    tm = nib.load(template_dir / "MNI152NLin6Asym_res-2_desc-brain_mask.nii.gz").get_fdata(dtype=np.float32)
+    load = lambda k: nib.load(outs[k]).get_fdata(dtype=np.float32)  # noqa: E731
+    m = anat_metrics(load("image"), "T1w", t1, tm, template_tissues(t1, tm > 0), load("mask"), load("field"))
+    qc = QCConfig()
+    ok, _ = evaluate_rules(m, "T1w", qc)
+    return ok and not reference_failures(m, "T1w", load_reference(qc.reference_table or None), qc.reference_z_limit), m
+
+
+@pytest.mark.integration
+def test_fast_path_keeps_known_transform_and_qc_decision(tmp_path, shared_data, template_dir):
+    """The real neck scan moved by a known affine: the fast defaults recover it within 1 mm and decide as the old."""
+    scan = shared_data / "anat" / "niivue_T1w_neck.nii.gz"
+    brain = str(template_dir / "MNI152NLin6Asym_res-2_desc-brain_T1w.nii.gz")
+    grid = str(template_dir / "MNI152NLin6Asym_res-2_desc-brain_mask.nii.gz")
+    fast = AnatConfig()
+    old = AnatConfig(n4_working_resolution_mm=0.0, n4_shrink_factor=4, n4_iterations=(50, 50, 50, 50),
+                     registration_moving_resolution_mm=0.0)
+    ref_xfm, fast_outs = _chain(scan, tmp_path / "fast", fast, brain, grid)
+    _, old_outs = _chain(scan, tmp_path / "old", old, brain, grid)
+    fast_ok, fm = _decision(fast_outs, template_dir)
+    old_ok, om = _decision(old_outs, template_dir)
+    assert fast_ok == old_ok, (fm, om)
+    assert fm["cjv"] <= om["cjv"] * 1.05 and fm["cnr"] >= om["cnr"] * 0.95
+
+    # Move the scan by a known rotation + translation and register the moved copy.
+    img = ants.image_read(str(tmp_path / "fast" / "ras.nii"))
+    c = np.asarray(ants.get_center_of_mass(img))
+    ang = np.deg2rad(10.0)
+    rot = np.array([[1, 0, 0], [0, np.cos(ang), -np.sin(ang)], [0, np.sin(ang), np.cos(ang)]])
+    g = np.eye(4)
+    g[:3, :3], g[:3, 3] = rot, c + np.array([8.0, -6.0, 5.0]) - rot @ c
+    tx = ants.create_ants_transform(transform_type="AffineTransform", dimension=3)
+    tx.set_parameters(np.concatenate([g[:3, :3].ravel(), g[:3, 3]]))
+    tx.set_fixed_parameters(np.zeros(3))
+    gfile = str(tmp_path / "g.mat")
+    ants.write_transform(tx, gfile)
+    moved = str(tmp_path / "moved.nii.gz")
+    ants.image_write(ants.apply_transforms(fixed=img, moving=img, transformlist=[gfile], interpolator="linear"), moved)
+    est_xfm, _ = _chain(moved, tmp_path / "moved", fast, brain, grid)
+    mask = ants.image_read(grid)
+    idx = np.argwhere(mask.numpy() > 0).astype(float)
+    pts = (np.asarray(mask.direction) @ (idx * np.asarray(mask.spacing)).T).T + np.asarray(mask.origin)
+    pts = np.c_[pts, np.ones(len(pts))]
+    truth = np.linalg.inv(g) @ _matrix(ref_xfm)
+    err = np.linalg.norm((pts @ _matrix(est_xfm).T - pts @ truth.T)[:, :3], axis=1)
+    assert err.mean() <= 1.0, err.mean()
+
+
+@pytest.mark.integration
+def test_cli_prep_with_syn_writes_the_warp_and_beats_the_affine(tmp_path, shared_data, template_dir):
+    """`neurocurate prep ... --registration syn` on a small real T1w: composite .h5 written, outputs on the
+    template grid, and the scan through the warp correlates with the template better than through the affine."""
+    bids = tmp_path / "bids"
+    src = shared_data / "corpus" / "sub-nichart01" / "anat" / "sub-nichart01_T1w.nii.gz"
+    (bids / "sub-01" / "anat").mkdir(parents=True)
+    shutil.copyfile(src, bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    (bids / "dataset_description.json").write_text('{"Name": "syn", "BIDSVersion": "1.9.0"}')
+    out = tmp_path / "out"
+    code = main(["prep", str(bids), str(out), "participant", "--nprocs", "1", "--omp-nthreads", "1",
+                 "--registration", "syn", "--template-dir", str(template_dir), "--no-progress"])
+    assert code == 0
+    o = anat_outputs(out, {"sub": "01"}, "T1w", 2)
+    assert o.warp.is_file() and o.xfm.is_file() and o.warp.name.endswith("_mode-image_xfm.h5")
+    meta = json.loads(o.sidecar.read_text())
+    assert meta["Transform"] == o.warp.name and meta["Parameters"]["registration"] == "syn"
+    grid = nib.load(template_dir / "MNI152NLin6Asym_res-2_desc-brain_mask.nii.gz")
+    pre = nib.load(o.preproc)
+    assert pre.shape == grid.shape and np.allclose(pre.affine, grid.affine)
+
+    t1 = str(template_dir / "MNI152NLin6Asym_res-2_T1w.nii.gz")
+    tmask = grid.get_fdata() > 0
+    tpl = nib.load(t1).get_fdata()
+    rs = {}
+    for kind, xfm in (("affine", o.xfm), ("syn", o.warp)):
+        rs[kind] = str(tmp_path / f"{kind}.nii.gz")
+        ops.resample_to_template(str(src), t1, str(xfm), rs[kind])
+    r = {k: np.corrcoef(nib.load(v).get_fdata()[tmask], tpl[tmask])[0, 1] for k, v in rs.items()}
+    assert r["syn"] > r["affine"] + 0.01, r
+    r_pre = np.corrcoef(pre.get_fdata()[tmask], tpl[tmask])[0, 1]
+    assert r_pre > r["affine"], (r_pre, r)
