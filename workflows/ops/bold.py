@@ -432,12 +432,17 @@ def register_reference(
         target = target * ants.image_read(str(target_mask)).astype("float32")
     if transform not in ("Rigid", "Affine"):
         raise ValueError(f"transform must be 'Rigid' or 'Affine', got {transform!r}")
+    temporary: set[str] = set()  # antspyx writes its transforms to the system temp folder: removed below
     with ants_seed(random_seed):
         reg = ants.registration(fixed=target, moving=ref, type_of_transform="Rigid", aff_metric="mattes")
+        temporary.update(reg["fwdtransforms"], reg["invtransforms"])
         if transform == "Affine":
             reg = ants.registration(fixed=target, moving=ref, type_of_transform="Affine",
                                     initial_transform=reg["fwdtransforms"], aff_metric="mattes")
+            temporary.update(reg["fwdtransforms"], reg["invtransforms"])
     shutil.copyfile(reg["fwdtransforms"][0], out_xfm)
+    for path in temporary:
+        Path(path).unlink(missing_ok=True)
     return Path(out_xfm)
 
 
