@@ -166,6 +166,12 @@ def load_reference(path: str | Path | None = None) -> pd.DataFrame:
     return ref
 
 
+def _signed_z(values: np.ndarray, median: float, scale: float, direction_: int) -> np.ndarray:
+    """Robust z of ``values`` signed so that positive = towards degradation (``|z|`` for two-sided metrics)."""
+    z = (values - median) / scale
+    return np.abs(z) if direction_ == 0 else -direction_ * z
+
+
 def bad_z(metrics: Mapping[str, float], modality: str, reference: pd.DataFrame) -> dict[str, float]:
     """Robust z of each metric against the reference, positive = towards degradation.
 
@@ -181,9 +187,7 @@ def bad_z(metrics: Mapping[str, float], modality: str, reference: pd.DataFrame) 
         value = float(value)
         if not np.isfinite(value):
             continue
-        z = (value - float(r.median)) / float(r.scale)
-        d = int(r.direction)
-        out[str(r.metric)] = abs(z) if d == 0 else -d * z
+        out[str(r.metric)] = float(_signed_z(np.float64(value), float(r.median), float(r.scale), int(r.direction)))
     return out
 
 
@@ -199,8 +203,6 @@ def z_frame(df: pd.DataFrame, reference: pd.DataFrame, metrics: Iterable[str] = 
         if not rows.any():
             continue
         values = pd.to_numeric(df[r.metric], errors="coerce").to_numpy(dtype=float)[rows]
-        z = (values - float(r.median)) / float(r.scale)
-        d = int(r.direction)
-        z = np.abs(z) if d == 0 else -d * z
+        z = _signed_z(values, float(r.median), float(r.scale), int(r.direction))
         out.loc[out.index[rows], r.metric] = np.where(np.isfinite(values), z, np.nan)
     return out

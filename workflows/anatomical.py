@@ -78,6 +78,7 @@ def init_anat_preproc_wf(
     threads = cfg.execution.omp_nthreads
     use_deepbet = a.skull_strip == "deepbet" and modality == "T1w"
     tdir = cfg.templates.template_dir or None
+    reg_template = str(registration_template(modality, use_deepbet, cfg))
 
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=["in_file"]), name="inputnode")
@@ -100,7 +101,7 @@ def init_anat_preproc_wf(
     )
     register = pe.Node(
         RegisterAffine(
-            template=str(registration_template(modality, use_deepbet, cfg)),
+            template=reg_template,
             metric=a.registration_metric,
             iterations=list(a.registration_iterations),
             shrink_factors=list(a.registration_shrink_factors),
@@ -148,7 +149,7 @@ def init_anat_preproc_wf(
     if a.registration == "syn":
         to_std = pe.Node(
             RegisterSyN(
-                template=str(registration_template(modality, use_deepbet, cfg)),
+                template=reg_template,
                 metric=a.syn_metric,
                 iterations=list(a.syn_iterations),
                 moving_resolution_mm=a.registration_moving_resolution_mm,
@@ -187,7 +188,7 @@ def init_anat_preproc_wf(
                 modality=modality,
                 resolution=res,
                 skull_strip="deepbet" if use_deepbet else "template",
-                template=str(registration_template(modality, use_deepbet, cfg)),
+                template=reg_template,
                 parameters=params,
             ),
             name=f"ds_anat_res{res}",
