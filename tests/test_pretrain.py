@@ -306,3 +306,19 @@ def test_resuming_on_other_data_is_refused(tmp_path, capsys):
     # a new model on the other data is fine, and the record follows it
     assert _pretrain([str(other), "--config", str(config), "--out", str(run), "--no-progress", "--no-resume"]) == 0
     assert json.loads((run / "training_data.json").read_text())["n_rois"] == 10
+
+
+def test_gradient_positions_carry_roi_identity_at_any_coordinate_scale():
+    """Diffusion-map coordinates are ~0.05 in scale: the ROI code is min-max mapped to [-1, 1] (Brain-JEPA)."""
+    from pipeline.pretrain.fmri_jepa import FMRIPositions
+
+    torch.manual_seed(0)
+    pos = FMRIPositions(gradient_dim=6, dim=32, patch=4)
+    grad_BRk = 0.05 * torch.randn(2, 10, 6)
+    table_BLD = pos({"gradients": grad_BRk, "x": torch.zeros(2, 10, 16)})
+    roi_BRH = table_BLD.reshape(2, 10, 4, 32)[:, :, 0, :16]
+    assert torch.allclose(roi_BRH.amin((1, 2)), torch.tensor(-1.0)) and torch.allclose(roi_BRH.amax((1, 2)), torch.tensor(1.0))
+    # ROIs differ as much as time patches do (the sin-cos half has unit amplitude)
+    assert roi_BRH.std(1).mean() > 0.2
+    # a rescaled coordinate set gives the same code: only the geometry of the gradients matters
+    assert torch.allclose(pos({"gradients": 10 * grad_BRk, "x": torch.zeros(2, 10, 16)}), table_BLD, atol=1e-5)

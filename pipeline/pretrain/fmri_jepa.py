@@ -21,18 +21,30 @@ __all__ = ["FMRIEncoder", "FMRIPositions", "build_fmri_jepa"]
 
 
 class FMRIPositions(nn.Module):
-    """Gradient (ROI) + sin-cos (time) position table ``[B, L, dim]``."""
+    """Gradient (ROI) + sin-cos (time) position table ``[B, L, dim]``.
+
+    The ROI half is ``Linear(k -> dim/2)`` of the gradient coordinates,
+    min-max scaled per sample to [-1, 1] as Brain-JEPA's ``GradTs_2dPE``
+    (``add_w="mapping"``) does. Diffusion-map coordinates are small (their
+    standard deviation is ~0.02-0.06 for CC200), so without the scaling the
+    ROI code is ~30x weaker than the unit-amplitude time code and the patch
+    embedding: tokens carry no usable ROI identity and the predictor's mask
+    tokens for different ROIs of one time patch are nearly the same.
+    """
 
     def __init__(self, gradient_dim: int, dim: int, patch: int):
         super().__init__()
         self.dim, self.patch = dim, patch
-        self.roi = nn.Linear(gradient_dim, dim // 2)
+        self.roi = nn.Linear(gradient_dim, dim // 2, bias=False)  # a per-channel offset carries no ROI identity
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         grad_BRk = batch["gradients"]
         B, R, _ = grad_BRk.shape
         N = batch["x"].shape[-1] // self.patch
         roi_BRH = self.roi(grad_BRk)
+        lo_B11 = roi_BRH.amin(dim=(1, 2), keepdim=True)
+        hi_B11 = roi_BRH.amax(dim=(1, 2), keepdim=True)
+        roi_BRH = (roi_BRH - lo_B11) / (hi_B11 - lo_B11).clamp_min(1e-6) * 2 - 1
         time_NH = sincos_1d(torch.arange(N, device=grad_BRk.device), self.dim - self.dim // 2).to(roi_BRH.dtype)
         roi_BLH = roi_BRH[:, :, None, :].expand(B, R, N, -1).reshape(B, R * N, -1)
         time_BLH = time_NH[None, None].expand(B, R, N, -1).reshape(B, R * N, -1)
