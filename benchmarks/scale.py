@@ -186,8 +186,10 @@ def figure_workers(work: Path, n: int, skull_strip: str) -> dict:
         times[procs] = r["seconds"]
         print(f"  --nprocs {procs}: {r['seconds']:.1f} s, exit {r['code']} ({load()})", flush=True)
     speedup = times[1] / times[2]
-    print(f"  1 -> 2 workers: x{speedup:.2f} (goal >= 1.8)")
-    return {"times": times, "speedup": speedup}
+    # Amdahl with S + P = t1 and S + P/2 = t2: the part that did not get faster with the second worker.
+    serial = 2 * times[2] - times[1]
+    print(f"  1 -> 2 workers: x{speedup:.2f} (goal >= 1.8); serial part S = 2*t2 - t1 = {serial:.1f} s")
+    return {"times": times, "speedup": speedup, "serial_s": serial}
 
 
 def figure_slurm(work: Path, n: int, skull_strip: str) -> dict:

@@ -156,6 +156,24 @@ class _Templates:
         return self.get("T1w" if modality == "T1w" else "T2w")
 
 
+_SHARED_TEMPLATES: dict[tuple, _Templates] = {}
+
+
+def _shared_templates(cfg: Config) -> _Templates:
+    """A :class:`_Templates` kept for the life of the process (one per set of template files and their versions).
+
+    The participant level draws one subject report per node, many in the same worker process: the templates
+    and their tissue regions are loaded once there instead of once per subject.
+    """
+    tpl = _Templates(cfg)
+    key = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for _, p in sorted(tpl.paths.items()))
+    if key not in _SHARED_TEMPLATES:
+        if len(_SHARED_TEMPLATES) >= 4:
+            _SHARED_TEMPLATES.clear()
+        _SHARED_TEMPLATES[key] = tpl
+    return _SHARED_TEMPLATES[key]
+
+
 def _load(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
     if not path.is_file():
         raise InputError(path, "missing derivative")
@@ -505,7 +523,7 @@ def write_subject_report(output_dir: Path, subject: str, cfg: Config) -> Path:
     rewritten.
     """
     output_dir = Path(output_dir)
-    return _subject_report(output_dir, subject.removeprefix("sub-"), cfg, _Templates(cfg))[0]
+    return _subject_report(output_dir, subject.removeprefix("sub-"), cfg, _shared_templates(cfg))[0]
 
 
 def write_group_report(output_dir: Path, df: pd.DataFrame, cfg: Config, error_subjects: list[str]) -> Path:

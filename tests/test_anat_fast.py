@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.core.config import AnatConfig, QCConfig, load_config
-from pipeline.core.derivatives import anat_outputs
+from pipeline.core.derivatives import anat_outputs, func_outputs
 from workflows.ops import anat as ops
 from workflows.ops.itk_threads import call_with_threads, itk_threads, thread_report
 
@@ -161,3 +161,109 @@ def test_cli_prep_with_syn_writes_the_warp_and_beats_the_affine(tmp_path, shared
     assert r["syn"] > r["affine"] + 0.01, r
     r_pre = np.corrcoef(pre.get_fdata()[tmask], tpl[tmask])[0, 1]
     assert r_pre > r["affine"], (r_pre, r)
+
+
+def _corr(a, b, m):
+    return float(np.corrcoef(np.asarray(a)[m], np.asarray(b)[m])[0, 1])
+
+
+def _dice(a, b):
+    return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+
+
+@pytest.mark.integration
+def test_cli_prep_bold_goes_through_the_syn_warp(tmp_path, shared_data, template_dir):
+    """`neurocurate prep ... --registration syn` on a subject with BOLD: the BOLD run reaches MNI through the
+    composite (affine + SyN) transform.
+
+    One real subject (sub-philipsA: its T1w on a 2 mm grid and 8 volumes of its resting BOLD, to keep the test
+    short). The affine run first, then the SyN run in the same work folder: N4, skull strip, affine and the BOLD
+    motion/rigid nodes come from its cache, so the two MNI BOLD references differ only by the anatomical
+    transform, and the SyN one must be the affine one carried through the warp alone (affine^-1 o composite).
+    """
+    from nibabel.processing import resample_to_output
+
+    src = shared_data / "corpus" / "sub-philipsA"
+    bids = tmp_path / "bids"
+    (bids / "sub-01" / "anat").mkdir(parents=True)
+    (bids / "sub-01" / "func").mkdir(parents=True)
+    t1w = nib.load(src / "anat" / "sub-philipsA_T1w.nii.gz")
+    nib.save(resample_to_output(t1w, voxel_sizes=(2.0, 2.0, 2.0), order=1),
+             bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    raw = nib.load(src / "func" / "sub-philipsA_task-rest_bold.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(raw.dataobj[..., 10:18]), raw.affine, raw.header),
+             bids / "sub-01" / "func" / "sub-01_task-rest_bold.nii.gz")
+    shutil.copyfile(src / "func" / "sub-philipsA_task-rest_bold.json",
+                    bids / "sub-01" / "func" / "sub-01_task-rest_bold.json")
+    (bids / "dataset_description.json").write_text('{"Name": "synbold", "BIDSVersion": "1.9.0"}')
+    # No denoising (8 volumes cannot carry the rest preset's regressors) and lighter N4/SyN levels: the test is
+    # about the transform the BOLD run is resampled with, not about their accuracy.
+    config = tmp_path / "config.toml"
+    config.write_text('[bold]\ndenoise = "none"\ndummy_scans = 0\n'
+                      '[anat]\nn4_iterations = [20, 20]\nsyn_iterations = [30, 0]\n')
+    work = tmp_path / "work"
+    runs = {}
+    for kind in ("affine", "syn"):
+        out = tmp_path / f"out_{kind}"
+        code = main(["prep", str(bids), str(out), "participant", "--nprocs", "2", "--omp-nthreads", "1",
+                     "--registration", kind, "--template-dir", str(template_dir), "--work-dir", str(work),
+                     "--config", str(config), "--no-progress"])
+        assert code == 0, kind
+        runs[kind] = (anat_outputs(out, {"sub": "01"}, "T1w", 2),
+                      func_outputs(out, {"sub": "01", "task": "rest"}, 2))
+    a_anat, a_func = runs["affine"]
+    s_anat, s_func = runs["syn"]
+    assert s_anat.warp.is_file() and s_anat.warp.name.endswith("_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.h5")
+    assert not a_anat.warp.exists()
+
+    grid = nib.load(template_dir / "MNI152NLin6Asym_res-2_desc-brain_mask.nii.gz")
+    tmask = grid.get_fdata() > 0
+    for f in (s_func.preproc, s_func.boldref, s_func.mask):
+        img = nib.load(f)
+        assert img.shape[:3] == grid.shape and np.allclose(img.affine, grid.affine), f
+    assert nib.load(s_func.preproc).shape[3] >= 5
+
+    aff = ants.image_read(str(a_func.boldref))
+    ref_a, ref_s = aff.numpy(), ants.image_read(str(s_func.boldref)).numpy()
+    # The affine reference through the warp alone: ANTs applies the list last-first (affine^-1, then composite).
+    warped = ants.apply_transforms(fixed=aff, moving=aff, transformlist=[str(s_anat.warp), str(s_anat.xfm)],
+                                   whichtoinvert=[False, True], interpolator="linear").numpy()
+    head = tmask | (ref_a > 0) | (ref_s > 0)
+    moved = np.abs(ref_s - ref_a)[head].mean()
+    left = np.abs(ref_s - warped)[head].mean()
+    # The warp moved the BOLD output (not a copy of the affine result), and by the anatomical warp.
+    assert moved > 0.02 * np.abs(ref_a)[head].mean(), moved
+    assert left < 0.5 * moved and _corr(ref_s, warped, head) > 0.99, (left, moved, _corr(ref_s, warped, head))
+    assert _corr(ref_s, warped, head) > _corr(ref_s, ref_a, head)
+    # The BOLD brain mask lands on the template's at least as well as through the affine.
+    d_a, d_s = _dice(nib.load(a_func.mask).get_fdata() > 0, tmask), _dice(nib.load(s_func.mask).get_fdata() > 0, tmask)
+    assert d_s >= d_a - 0.01, (d_s, d_a)
+
+
+def test_thread_count_is_not_part_of_the_node_hash(tmp_path, shared_data):
+    """A rerun with another thread count reuses the cached ANTs node; another real parameter reruns it."""
+    import copy
+
+    import nipype
+    from nipype.pipeline import engine as pe
+
+    from workflows.interfaces.anat import N4Correct
+
+    scan = str(shared_data / "corpus" / "sub-nichart05" / "anat" / "sub-nichart05_T1w.nii.gz")
+
+    def node(threads, iterations=(5, 5)):
+        n = pe.Node(N4Correct(iterations=list(iterations), shrink_factor=4, working_resolution_mm=4.0,
+                              num_threads=threads), name="n4", base_dir=str(tmp_path))
+        n.inputs.in_file = scan
+        n.config = copy.deepcopy(nipype.config._sections)  # what Node.run sets; needed to hash before running
+        return n
+
+    first = node(1)
+    out = first.run().outputs.out_file
+    stamp = os.stat(out).st_mtime_ns
+    again = node(3)
+    assert again._get_hashval()[1] == first._get_hashval()[1]
+    assert again.is_cached()[1]  # up to date: nothing to rerun
+    assert again.run().outputs.out_file == out and os.stat(out).st_mtime_ns == stamp
+    changed = node(1, iterations=(6, 5))
+    assert changed._get_hashval()[1] != first._get_hashval()[1] and not changed.is_cached()[1]

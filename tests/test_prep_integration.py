@@ -97,6 +97,24 @@ def test_sidecar_and_dataset_description(processed):
     assert not anat_outputs(out, {"sub": "01"}, "T1w").warp.exists()
 
 
+def test_subject_reports_drawn_by_graph_nodes_and_failed_subject_by_main(processed):
+    """Finished subjects' reports come from their report node on a worker; the failed one's (with its crash)
+    from the main process after the run (issue 17: no per-subject work left serial in the main process)."""
+    from nipype.utils.filemanip import loadpkl
+
+    from pipeline.core.layout import OutputLayout
+
+    out = processed["out"]
+    layout = OutputLayout(out)
+    work = out / ".work" / "neurocurate_wf"
+    for sub in ("01", "02"):
+        result = loadpkl(work / f"sub_{sub}_wf" / "subject_report" / "result_subject_report.pklz")
+        assert result.outputs.out_report == str(layout.subject_report(sub))
+        assert layout.subject_report(sub).is_file()
+    assert not (work / "sub_03_wf" / "subject_report" / "result_subject_report.pklz").exists()
+    assert "sub-03_T1w.nii.gz" in layout.subject_report("03").read_text()
+
+
 def test_rerun_does_no_work(processed):
     out = processed["out"]
     register_result = next((out / ".work").rglob("register/result_register.pklz"))

@@ -10,11 +10,16 @@ from pipeline.core.bids import SubjectScans
 from pipeline.core.config import Config
 from workflows.anatomical import init_anat_preproc_wf
 
-__all__ = ["init_neurocurate_wf", "init_single_subject_wf"]
+__all__ = ["init_neurocurate_wf", "init_single_subject_wf", "subject_wf_name"]
 
 
 def _node_name(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def subject_wf_name(label: str) -> str:
+    """Name of the sub-workflow of subject ``label`` (without ``sub-``) in :func:`init_neurocurate_wf`."""
+    return f"sub_{_node_name(label)}_wf"
 
 
 def init_single_subject_wf(
@@ -26,7 +31,7 @@ def init_single_subject_wf(
     the subject's first T1w (sorted by path) as their anatomical reference
     and go straight to the EPI template when the subject has none.
     """
-    wf = pe.Workflow(name=name or f"sub_{_node_name(subject.subject)}_wf")
+    wf = pe.Workflow(name=name or subject_wf_name(subject.subject))
     reference = None
     for scan in subject.anat:
         if scan.suffix not in cfg.anat.modalities:

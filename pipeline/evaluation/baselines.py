@@ -60,14 +60,18 @@ def _sym(mats: np.ndarray) -> np.ndarray:
     return 0.5 * (mats + np.swapaxes(mats, -1, -2))
 
 
-def geometric_mean(covs_NRR: np.ndarray, *, max_iter: int = 30, tol: float = 1e-7) -> np.ndarray:
+def geometric_mean(covs_NRR: np.ndarray, *, max_iter: int = 30, tol: float = 1e-7,
+                   init_RR: np.ndarray | None = None) -> np.ndarray:
     """Riemannian (log-Euclidean gradient descent) mean of SPD matrices, as nilearn's tangent reference.
 
-    Same algorithm, initialisation (arithmetic mean), step halving and stopping
-    rule (``norm / R**2 < tol``) as ``nilearn.connectome.ConnectivityMeasure(kind="tangent")``,
-    with the eigendecompositions batched.
+    Same algorithm, step halving and stopping rule (``norm / R**2 < tol``) as
+    ``nilearn.connectome.ConnectivityMeasure(kind="tangent")``, with the
+    eigendecompositions batched. nilearn starts from the arithmetic mean;
+    ``init_RR`` (for example the log-Euclidean mean of the same matrices,
+    which lies much closer to the Riemannian one) starts elsewhere and reaches
+    the same unique minimiser in fewer iterations.
     """
-    gmean = covs_NRR.mean(0)
+    gmean = covs_NRR.mean(0) if init_RR is None else np.array(init_RR, dtype=np.float64)
     norm_old, step = np.inf, 1.0
     for _ in range(max_iter):
         vals, vecs = np.linalg.eigh(gmean)
@@ -93,7 +97,10 @@ class TangentConnectivity:
     Covariances are Ledoit-Wolf shrunk (nilearn's default) so short runs and
     zero-variance ROIs still give positive-definite matrices; they depend on
     one run only, so they are computed once and reused by every fold; only
-    the reference (geometric mean of the training covariances) is refitted.
+    the reference (geometric mean of the training covariances) is refitted,
+    starting from the log-Euclidean mean of the training covariances (their
+    matrix logarithms are also computed once), which cuts the Riemannian
+    iterations by about half with the same result.
     Features equal ``ConnectivityMeasure(kind="tangent", vectorize=True,
     discard_diagonal=True)`` fitted on the training runs (tested).
     """
@@ -101,6 +108,7 @@ class TangentConnectivity:
     def __init__(self, series: list[np.ndarray]):
         self.series = series
         self._covs: np.ndarray | None = None
+        self._logs: np.ndarray | None = None
 
     @property
     def covariances(self) -> np.ndarray:
@@ -111,12 +119,20 @@ class TangentConnectivity:
                                    for x in self.series])
         return self._covs
 
+    @property
+    def log_covariances(self) -> np.ndarray:
+        if self._logs is None:
+            self._logs = _spd_map(np.log, self.covariances)
+        return self._logs
+
     def fold(self, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(train features, test features) with the reference fitted on ``train``."""
         from nilearn.connectome import sym_matrix_to_vec
 
         covs = self.covariances
-        mean = geometric_mean(covs[train])
+        log_mean_RR = _sym(self.log_covariances[train].mean(0))
+        lv, lvec = np.linalg.eigh(log_mean_RR)
+        mean = geometric_mean(covs[train], init_RR=_sym((lvec * np.exp(lv)) @ lvec.T))
         vals, vecs = np.linalg.eigh(mean)
         whiten = (vecs / np.sqrt(vals)) @ vecs.T
 

@@ -81,7 +81,7 @@ class _N4InputSpec(BaseInterfaceInputSpec):
     iterations = traits.List(traits.Int, [50, 50, 50, 50], usedefault=True)
     convergence = traits.Float(1e-7, usedefault=True)
     working_resolution_mm = traits.Float(0.0, usedefault=True)
-    num_threads = traits.Int(1, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads (not hashed)")
 
 
 class _N4OutputSpec(TraitedSpec):
@@ -123,7 +123,7 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     sampling_rate = traits.Float(0.2, usedefault=True)
     moving_resolution_mm = traits.Float(0.0, usedefault=True)
     seed = traits.Int(13, usedefault=True)
-    num_threads = traits.Int(1, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads (not hashed)")
 
 
 class _RegisterOutputSpec(TraitedSpec):
@@ -166,7 +166,7 @@ class _SyNInputSpec(BaseInterfaceInputSpec):
     iterations = traits.List(traits.Int, mandatory=True)
     moving_resolution_mm = traits.Float(0.0, usedefault=True)
     seed = traits.Int(13, usedefault=True)
-    num_threads = traits.Int(1, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads (not hashed)")
 
 
 class _SyNOutputSpec(TraitedSpec):
@@ -202,7 +202,7 @@ class _DeepBetInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True)
     threshold = traits.Float(0.5, usedefault=True)
     model_shape = traits.Int(192, usedefault=True)
-    num_threads = traits.Int(1, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads (not hashed)")
 
 
 class _MaskOutputSpec(TraitedSpec):
@@ -231,7 +231,7 @@ class _TemplateMaskInputSpec(BaseInterfaceInputSpec):
     native = File(exists=True, mandatory=True)
     template_mask = File(exists=True, mandatory=True)
     xfm = File(exists=True, mandatory=True)
-    num_threads = traits.Int(1, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads (not hashed)")
 
 
 class TemplateMaskToNative(SimpleInterface):
@@ -253,7 +253,7 @@ class _ResampleInputSpec(BaseInterfaceInputSpec):
     template = File(exists=True, mandatory=True, desc="target grid")
     xfm = File(exists=True, mandatory=True)
     kind = traits.Enum("image", "mask", "field", usedefault=True)
-    num_threads = traits.Int(1, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads (not hashed)")
 
 
 class _ResampleOutputSpec(TraitedSpec):
