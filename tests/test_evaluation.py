@@ -438,6 +438,12 @@ def test_tangent_features_equal_nilearn_and_reuse_covariances():
     covs = tangent.covariances
     tangent.fold(test, train)
     assert tangent.covariances is covs  # computed once for every fold
+    # a pool of workers over the batched eigendecompositions gives the same features
+    pooled_tr, pooled_te = bl.TangentConnectivity(series, workers=2).fold(train, test)
+    np.testing.assert_allclose(pooled_tr, got_tr, atol=1e-6)
+    np.testing.assert_allclose(pooled_te, got_te, atol=1e-6)
+    mats = np.stack([np.cov(x.T) + np.eye(12) for x in series])
+    np.testing.assert_allclose(bl._spd_map(np.log, mats, chunk=4, workers=3), bl._spd_map(np.log, mats), atol=1e-10)
 
 
 def test_roi_readouts_shapes_and_similarity_structure():

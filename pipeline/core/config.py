@@ -483,7 +483,8 @@ class EvaluateConfig:
     ``max_windows`` consecutive windows of the run's ``fmri.num_frames``,
     averaged. ``baselines`` picks from ``fc_pearson``, ``fc_tangent``,
     ``random_encoder`` (fMRI) and ``random_encoder``, ``intensity_pca``,
-    ``cnn3d`` (structural); ``threads`` is torch's CPU thread count.
+    ``cnn3d`` (structural); ``threads`` is torch's CPU thread count and the
+    tangent baseline's worker count (0 = every usable core; BLAS runs one thread).
     ``readouts`` of the frozen fMRI encoder (each also applied to the random
     encoder): ``mean`` (all tokens averaged), ``roi`` (per-ROI embeddings,
     tokens averaged over time, R x D), ``roi_similarity`` (Fisher-z cosine
@@ -517,7 +518,7 @@ class EvaluateConfig:
     cnn_epochs: int = 20
     cnn_channels: int = 8
     cnn_lr: float = 0.001
-    threads: int = 1
+    threads: int = 0
 
 
 @dataclass(frozen=True)

@@ -47,12 +47,28 @@ def fc_pearson_features(series: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _spd_map(fn, mats_NRR: np.ndarray, chunk: int = 64) -> np.ndarray:
-    """``fn`` applied to the eigenvalues of every symmetric matrix (batched ``eigh``, in chunks)."""
+def _spd_map(fn, mats_NRR: np.ndarray, chunk: int = 64, workers: int = 1) -> np.ndarray:
+    """``fn`` applied to the eigenvalues of every symmetric matrix (batched ``eigh``, in chunks).
+
+    ``workers`` > 1 runs the chunks in a thread pool (numpy's LAPACK calls
+    release the GIL); callers keep BLAS itself at one thread, so the pool is
+    the only parallelism and a busy machine is never oversubscribed.
+    """
     out = np.empty_like(mats_NRR)
-    for s in range(0, len(mats_NRR), chunk):
+
+    def one(s: int) -> None:
         vals, vecs = np.linalg.eigh(mats_NRR[s:s + chunk])
         out[s:s + chunk] = (vecs * fn(vals)[:, None, :]) @ np.swapaxes(vecs, 1, 2)
+
+    starts = range(0, len(mats_NRR), chunk)
+    if workers > 1 and len(starts) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, starts))
+    else:
+        for s in starts:
+            one(s)
     return out
 
 
@@ -61,7 +77,7 @@ def _sym(mats: np.ndarray) -> np.ndarray:
 
 
 def geometric_mean(covs_NRR: np.ndarray, *, max_iter: int = 30, tol: float = 1e-7,
-                   init_RR: np.ndarray | None = None) -> np.ndarray:
+                   init_RR: np.ndarray | None = None, workers: int = 1) -> np.ndarray:
     """Riemannian (log-Euclidean gradient descent) mean of SPD matrices, as nilearn's tangent reference.
 
     Same algorithm, step halving and stopping rule (``norm / R**2 < tol``) as
@@ -69,14 +85,15 @@ def geometric_mean(covs_NRR: np.ndarray, *, max_iter: int = 30, tol: float = 1e-
     eigendecompositions batched. nilearn starts from the arithmetic mean;
     ``init_RR`` (for example the log-Euclidean mean of the same matrices,
     which lies much closer to the Riemannian one) starts elsewhere and reaches
-    the same unique minimiser in fewer iterations.
+    the same unique minimiser in fewer iterations. ``workers``: threads for
+    the batched eigendecompositions (see :func:`_spd_map`).
     """
     gmean = covs_NRR.mean(0) if init_RR is None else np.array(init_RR, dtype=np.float64)
     norm_old, step = np.inf, 1.0
     for _ in range(max_iter):
         vals, vecs = np.linalg.eigh(gmean)
         inv_sqrt = (vecs / np.sqrt(vals)) @ vecs.T
-        logs_mean = _spd_map(np.log, _sym(inv_sqrt @ covs_NRR @ inv_sqrt)).mean(0)
+        logs_mean = _spd_map(np.log, _sym(inv_sqrt @ covs_NRR @ inv_sqrt), workers=workers).mean(0)
         norm = np.linalg.norm(logs_mean)
         lv, lvec = np.linalg.eigh(logs_mean)
         sqrt_g = (vecs * np.sqrt(vals)) @ vecs.T
@@ -105,8 +122,9 @@ class TangentConnectivity:
     discard_diagonal=True)`` fitted on the training runs (tested).
     """
 
-    def __init__(self, series: list[np.ndarray]):
+    def __init__(self, series: list[np.ndarray], workers: int = 1):
         self.series = series
+        self.workers = max(1, int(workers))
         self._covs: np.ndarray | None = None
         self._logs: np.ndarray | None = None
 
@@ -122,7 +140,7 @@ class TangentConnectivity:
     @property
     def log_covariances(self) -> np.ndarray:
         if self._logs is None:
-            self._logs = _spd_map(np.log, self.covariances)
+            self._logs = _spd_map(np.log, self.covariances, workers=self.workers)
         return self._logs
 
     def fold(self, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -132,12 +150,12 @@ class TangentConnectivity:
         covs = self.covariances
         log_mean_RR = _sym(self.log_covariances[train].mean(0))
         lv, lvec = np.linalg.eigh(log_mean_RR)
-        mean = geometric_mean(covs[train], init_RR=_sym((lvec * np.exp(lv)) @ lvec.T))
+        mean = geometric_mean(covs[train], init_RR=_sym((lvec * np.exp(lv)) @ lvec.T), workers=self.workers)
         vals, vecs = np.linalg.eigh(mean)
         whiten = (vecs / np.sqrt(vals)) @ vecs.T
 
         def features(rows: np.ndarray) -> np.ndarray:
-            logs = _spd_map(np.log, _sym(whiten @ covs[rows] @ whiten))
+            logs = _spd_map(np.log, _sym(whiten @ covs[rows] @ whiten), workers=self.workers)
             return sym_matrix_to_vec(logs, discard_diagonal=True).astype(np.float32)
 
         return features(np.asarray(train)), features(np.asarray(test))

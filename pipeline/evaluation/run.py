@@ -10,6 +10,8 @@ folder and writes ``results.json``, ``predictions.tsv`` and ``report.html``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 from collections.abc import Callable
@@ -357,7 +359,7 @@ def build_specs(samples, pretrained, random_emb, y: np.ndarray, task: str, n_cla
             specs.append(_linear_spec("fc_pearson", bl.fc_pearson_features(series_TR), y, subjects, task, n_classes, cfg,
                                       True, "Fisher-z Pearson connectivity, same linear probe"))
         if "fc_tangent" in wanted:
-            tangent = bl.TangentConnectivity(series_TR)  # covariances computed once, reference refitted per fold
+            tangent = bl.TangentConnectivity(series_TR, workers=cfg.threads)  # covariances once, reference per fold
             specs.append(_fold_features_spec("fc_tangent", tangent.fold, y, subjects,
                                              task, n_classes, cfg, "tangent-space connectivity (reference fitted per fold), same linear probe"))
     else:
@@ -418,10 +420,15 @@ def evaluate_run(run_dir: str | Path, shards_dir: str | Path | None, target: str
     import torch
     from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(max(1, cfg.threads))
-    # numpy/scipy BLAS threads too: OpenBLAS threads spinning on a busy machine made the tangent
-    # baseline's eigendecompositions ~90x slower than one thread (measured, issue 14).
-    with threadpool_limits(limits=max(1, cfg.threads)):
+    from pipeline.core.parallel import available_cpus
+
+    threads = cfg.threads or available_cpus()
+    cfg = dataclasses.replace(cfg, threads=threads)
+    torch.set_num_threads(threads)
+    # numpy/scipy BLAS stays at one thread: OpenBLAS threads spinning on a busy machine made the tangent
+    # baseline's eigendecompositions ~90x slower (measured, issue 14); the tangent baseline gets its
+    # parallelism from a pool of ``threads`` workers over batches of matrices instead.
+    with threadpool_limits(limits=1):
         return _evaluate_run(run_dir, shards_dir, target, split=split, few_shot=few_shot, cfg=cfg, out_dir=out_dir,
                              store=store, reference_shards=reference_shards, atlas_image=atlas_image, checkpoint=checkpoint)
 
