@@ -148,9 +148,8 @@ class TangentConnectivity:
         from nilearn.connectome import sym_matrix_to_vec
 
         covs = self.covariances
-        log_mean_RR = _sym(self.log_covariances[train].mean(0))
-        lv, lvec = np.linalg.eigh(log_mean_RR)
-        mean = geometric_mean(covs[train], init_RR=_sym((lvec * np.exp(lv)) @ lvec.T), workers=self.workers)
+        log_euclidean_RR = _sym(_spd_map(np.exp, _sym(self.log_covariances[train].mean(0))[None])[0])
+        mean = geometric_mean(covs[train], init_RR=log_euclidean_RR, workers=self.workers)
         vals, vecs = np.linalg.eigh(mean)
         whiten = (vecs / np.sqrt(vals)) @ vecs.T
 

@@ -11,7 +11,6 @@ folder and writes ``results.json``, ``predictions.tsv`` and ``report.html``.
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import time
 from collections.abc import Callable
