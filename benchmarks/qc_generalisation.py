@@ -63,7 +63,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("NEUROCURATE_SHARED_DATA", REPO.parent / "shared" / "data"))
-METRICS_VERSION = "6"  # 6 = 5 + the artifact detectors of qc.metrics.artifact_metrics
+METRICS_VERSION = "7"  # 6 = 5 + the artifact detectors of qc.metrics.artifact_metrics; 7 = 6 + signal_void
 
 MILD_SEVERE = ("noise", "dropout", "tissue_loss", "ghost", "bias", "motion", "coverage", "orientation")
 SEVERE_ONLY = ("modality",)
@@ -307,10 +307,11 @@ def process_case(case: Case, work: Path) -> dict[str, float]:
     metrics_file = out / f"metrics_v{METRICS_VERSION}.json"
     if metrics_file.is_file():
         return json.loads(metrics_file.read_text())
-    v5 = out / "metrics_v5.json"
-    if v5.is_file() and (out / "preproc.nii.gz").is_file():
-        # Version 6 only adds the artifact detectors: same function as the group step, on the cached image.
-        metrics = {**json.loads(v5.read_text()), **case_artifact_metrics(out / "preproc.nii.gz", case.label)}
+    older = [out / f"metrics_v{v}.json" for v in ("6", "5")]
+    older = [f for f in older if f.is_file()]
+    if older and (out / "preproc.nii.gz").is_file():
+        # Versions 6 and 7 only add artifact detectors: same function as the group step, on the cached image.
+        metrics = {**json.loads(older[0].read_text()), **case_artifact_metrics(out / "preproc.nii.gz", case.label)}
         metrics_file.write_text(json.dumps(metrics))
         return metrics
     scan_dir = prepare_scan(case.scan, work)
@@ -419,7 +420,7 @@ def case_metrics(preproc: Path, bias: Path, modality: str) -> dict[str, float]:
 
 
 def case_artifact_metrics(preproc: Path, modality: str) -> dict[str, float]:
-    """Only :func:`qc.metrics.artifact_metrics` of one MNI-space case (what version 6 added)."""
+    """Only :func:`qc.metrics.artifact_metrics` of one MNI-space case (what versions 6 and 7 added)."""
     from qc.metrics import artifact_metrics
 
     _templates()
@@ -498,9 +499,9 @@ def _absolute_fail(df: pd.DataFrame) -> np.ndarray:
 
 
 def _metric_names(df: pd.DataFrame) -> list[str]:
-    from qc.reference import REFERENCE_METRICS
+    from qc.reference import ANAT_METRICS
 
-    return [m for m in REFERENCE_METRICS if m in df.columns]
+    return [m for m in ANAT_METRICS if m in df.columns]
 
 
 def _ref_max_z(df: pd.DataFrame, reference: pd.DataFrame) -> np.ndarray:
@@ -559,6 +560,13 @@ def choose_operating(train: pd.DataFrame) -> Operating:
     return Operating(z_limit, threshold)
 
 
+def _shipped_operating() -> Operating:
+    from pipeline.core.config import QCConfig
+
+    qc = QCConfig()
+    return Operating(qc.reference_z_limit, qc.classifier_threshold)
+
+
 def decide(scores: dict, op: Operating) -> dict[str, np.ndarray]:
     ref = scores["maxz"] > op.z_limit
     clf = scores["p"] >= op.threshold
@@ -582,6 +590,11 @@ def evaluate(df: pd.DataFrame) -> None:
     op_all = choose_operating(df)
     ins = decide(_fold_scores(df, df), op_all)
     label = df["label"].to_numpy()
+    shipped = _shipped_operating()
+    fixed = pd.Series(False, index=df.index)
+    for s in sources:  # the shipped operating point in every fold (reference and classifier still without s)
+        test = df[df["source"] == s]
+        fixed.loc[test.index] = decide(_fold_scores(df[df["source"] != s], test), shipped)["all"]
 
     print("\noperating points (z limit / classifier threshold) chosen by inner LOSO:")
     for s, op in ops.items():
@@ -593,6 +606,9 @@ def evaluate(df: pd.DataFrame) -> None:
         r1, f1 = _rates(loso[layer].to_numpy(), label)
         r2, f2 = _rates(ins[layer], label)
         print(f"  {layer:10s} LOSO recall {r1:.3f} FRR {f1:.3f} | in-sample recall {r2:.3f} FRR {f2:.3f}")
+    r1, f1 = _rates(fixed.to_numpy(), label)
+    print(f"  all, at the shipped defaults (z {shipped.z_limit:g}, p {shipped.threshold:g}) in every fold: "
+          f"LOSO recall {r1:.3f} FRR {f1:.3f}")
     print("\nper source, all layers: n_severe n_ok | LOSO recall FRR | in-sample recall FRR")
     for s in sources:
         m = (df["source"] == s).to_numpy()

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 #: Metrics whose reference z-scores are the classifier's features (chosen leave-one-source-out, see
 #: benchmarks/README.md, issue 16).
 FEATURE_METRICS: tuple[str, ...] = (
-    "blur_ap_lr", "air_signal", "brain_holes", "wm_trend", "inu_range", "brain_coverage",
+    "blur_ap_lr", "air_signal", "wm_trend", "inu_range", "brain_coverage",
     "correlation", "wm_gm_ratio", "csf_gm_ratio",
 )
 FEATURES: tuple[str, ...] = tuple(f"z_{m}" for m in FEATURE_METRICS)

@@ -80,6 +80,11 @@ METRIC_WORDS = {
     "fber": "signal in the head vs. in the air (FBER)",
     "wm2max": "white-matter-to-maximum intensity ratio",
     "inu_range": "bias-field (intensity non-uniformity) range",
+    "blur_ap_lr": "front-to-back vs. left-right sharpness (motion blur)",
+    "air_signal": "signal in the air around the head (ghosting, noise)",
+    "brain_holes": "share of the template brain without signal",
+    "signal_void": "share of the template brain in signal voids (at least 12 mm across)",
+    "wm_trend": "residual intensity trend across the white matter",
     "tsnr": "temporal SNR",
     "fd_mean": "mean head motion (FD)",
     "fd_max": "largest head movement (FD)",
@@ -201,6 +206,9 @@ def _reason_absolute(failure: str) -> str:
     value, _, thr = rest.partition(op)
     if metric == "brain_coverage":
         return f"only {100 * float(value):.0f}% of the template brain has signal (at least {100 * float(thr):.0f}% needed): cropped, empty or a slab missing"
+    if metric == "signal_void":
+        return (f"signal voids at least 12 mm across fill {100 * float(value):.1f}% of the template brain "
+                f"(at most {100 * float(thr):g}% allowed): missing tissue, a signal-dropout slab or a cut field of view")
     if metric in ("wm_gm_ratio", "csf_gm_ratio"):
         return f"{_words(metric)} {float(value):.2f} {'below' if op == '<' else 'above'} {thr}: the contrast is not that of the labelled modality (wrong modality or orientation)"
     return f"{_words(metric)} {value} {'below the minimum' if op == '<' else 'above the maximum'} {thr}"

@@ -21,8 +21,10 @@ import pandas as pd
 from pipeline.core.errors import InputError
 
 __all__ = [
+    "ANAT_METRICS",
     "ANAT_MODALITIES",
     "DIRECTION",
+    "NOT_REFERENCED",
     "REFERENCE_COLUMNS",
     "POOLED_METRICS",
     "REFERENCE_METRICS",
@@ -57,19 +59,37 @@ DIRECTION: dict[str, int] = {
     "blur_ap_lr": 0,
     "air_signal": -1,
     "brain_holes": -1,
+    "signal_void": -1,
     "wm_trend": -1,
 }
 # FLAIR is compared with the T2 template: its correlation is negative (CSF dark vs bright) and noise
 # or a wrong contrast can move it either way, so it is judged both ways against real FLAIRs.
 _DIRECTION_BY_MODALITY = {("FLAIR", "correlation"): 0}
 
-REFERENCE_METRICS: tuple[str, ...] = tuple(DIRECTION)
+#: Metrics measured and reported but not judged against the reference, and why (issue 16; on the
+#: leave-one-source-out benchmark these three caused false rejects of clean scans and no catch that
+#: another metric did not make).
+NOT_REFERENCED: dict[str, str] = {
+    # Zero-filled, defaced or 8-bit backgrounds make the air noise vanish: across clean sources FBER
+    # spans orders of magnitude (robust scale ~90x its median on T1w), so it says how a scanner
+    # stores the background, not how good the scan is.
+    "fber": "depends on how the background is stored",
+    # Dark CSF counts as a hole on T1w and FLAIR, so the fraction grows with atrophy (clean FLAIRs
+    # aged 76-96: up to 0.05 against 0.002 for young T1w); signal_void measures voids instead.
+    "brain_holes": "grows with age (CSF is dark); superseded by signal_void",
+    # Exactly 0 on every clean scan: no robust scale; judged by the absolute rule max_signal_void.
+    "signal_void": "judged by an absolute rule",
+}
+
+#: Every anatomical QC metric with a direction of degradation (the reference ones and the others).
+ANAT_METRICS: tuple[str, ...] = tuple(DIRECTION)
+REFERENCE_METRICS: tuple[str, ...] = tuple(m for m in DIRECTION if m not in NOT_REFERENCED)
 
 #: Metrics that do not depend on the contrast (a relative field range, a fraction, a ratio of a scan
 #: to itself): their reference pools the clean scans of every modality, so that a modality seen at
 #: few sites (T2w, FLAIR) is still judged against many scanners.
 POOLED_METRICS: frozenset[str] = frozenset(
-    {"inu_range", "brain_coverage", "blur_ap_lr", "air_signal", "brain_holes", "wm_trend"}
+    {"inu_range", "brain_coverage", "blur_ap_lr", "air_signal", "wm_trend"}
 )
 REFERENCE_COLUMNS = ("modality", "metric", "direction", "median", "scale", "n", "n_sources")
 
@@ -176,10 +196,11 @@ def bad_z(metrics: Mapping[str, float], modality: str, reference: pd.DataFrame) 
     """Robust z of each metric against the reference, positive = towards degradation.
 
     Two-sided metrics (direction 0) give ``|z|``. Metrics missing from the
-    scan or the reference, or NaN, are left out.
+    scan or the reference, or NaN, and rows of metrics outside
+    :data:`REFERENCE_METRICS` (an older table), are left out.
     """
     out = {}
-    ref = reference[reference["modality"] == modality]
+    ref = reference[(reference["modality"] == modality) & reference["metric"].isin(REFERENCE_METRICS)]
     for r in ref.itertuples(index=False):
         value = metrics.get(r.metric)
         if value is None:

@@ -24,7 +24,7 @@ from qc.metrics import (
 MEDIANS = {"correlation": 0.65, "edge_correlation": 0.5, "nmi": 1.04, "mi": 0.3, "psnr": 13.0, "brain_coverage": 0.999,
            "snr": 20.0, "cnr": 2.5, "cjv": 0.45, "efc": 0.5, "fber": 100.0, "wm2max": 0.7, "inu_range": 0.15,
            "wm_gm_ratio": 1.3, "csf_gm_ratio": 0.5, "blur_ap_lr": 0.15, "air_signal": 0.04, "brain_holes": 0.005,
-           "wm_trend": 0.1}
+           "signal_void": 0.0, "wm_trend": 0.1}
 SCALE = 0.1  # relative robust SD of every planted metric
 
 
@@ -47,9 +47,9 @@ def _scan(z: dict[str, float] | None = None) -> dict[str, float]:
 def _planted_training(path: Path, rng: np.random.Generator) -> Path:
     rows = []
     for i in range(150):  # clean: every metric within ~1 SD
-        rows.append({"modality": "T1w", "label": 0, **_scan({m: rng.normal(0, 1) for m in ("air_signal", "wm_trend", "brain_holes")})})
+        rows.append({"modality": "T1w", "label": 0, **_scan({m: rng.normal(0, 1) for m in ("air_signal", "wm_trend")})})
     for i in range(150):  # severe: signal in the air (ghosting/noise) far up
-        rows.append({"modality": "T1w", "label": 1, **_scan({"air_signal": rng.uniform(8, 20), "brain_holes": rng.uniform(4, 10)})})
+        rows.append({"modality": "T1w", "label": 1, **_scan({"air_signal": rng.uniform(8, 20)})})
     pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
     return path
 
@@ -113,6 +113,43 @@ def test_layer1_absolute_coverage_and_signature(qc_cfg: QCConfig) -> None:
     assert "absolute" in by.loc["t2", "qc_layer"] and "wrong modality" in by.loc["t2", "qc_reason"]
 
 
+def test_signal_void_sees_missing_tissue_not_dark_csf() -> None:
+    """A 30 mm spherical void in a T1 template brain fills > 2 % of it; widening every dark (CSF) region by
+    one voxel, as atrophy does, leaves no void a 12 mm ball fits into (``brain_holes`` grows with both)."""
+    from scipy import ndimage
+
+    from qc.metrics import brain_holes, signal_void
+
+    t1 = np.asanyarray(nib.load(get_template(2, "T1w")).dataobj).astype(np.float32)
+    mask = np.asanyarray(nib.load(get_template(2, "mask", "brain")).dataobj) > 0
+    assert signal_void(t1, mask) == 0.0
+    centre = np.array(ndimage.center_of_mass(mask)) + np.array([12.0, 0.0, 7.0])  # voxels, right and up
+    ball = ((np.indices(t1.shape) - centre[:, None, None, None]) ** 2).sum(axis=0) <= 15.0**2
+    lesioned = np.where(ball, 0.0, t1)
+    assert signal_void(lesioned, mask) > 0.02
+    med = float(np.median(t1[mask]))
+    atrophied = np.where(ndimage.binary_dilation(t1 < 0.45 * med) & mask, 0.0, t1)
+    assert brain_holes(atrophied, mask) > 10 * brain_holes(t1, mask)
+    assert signal_void(atrophied, mask) < 0.005
+
+
+def test_layer1_absolute_signal_void(qc_cfg: QCConfig) -> None:
+    df = curation.build_table([_rec("ok", _scan()), _rec("void", {**_scan(), "signal_void": 0.06})], qc_cfg)
+    by = df.set_index("subject")
+    assert by.loc["ok", "qc_pass"]
+    assert by.loc["void", "qc_layer"].startswith("absolute")
+    assert "signal voids at least 12 mm across fill 6.0% of the template brain" in by.loc["void", "qc_reason"]
+
+
+def test_reference_leaves_out_metrics_it_cannot_judge(qc_cfg: QCConfig) -> None:
+    # FBER and brain_holes are reported but not judged against the reference (qc.reference.NOT_REFERENCED).
+    rec = _rec("zero_background", {**_scan(), "fber": 1e-3, "brain_holes": 0.5})
+    by = curation.build_table([rec], dataclasses.replace(qc_cfg, classifier=False)).set_index("subject")
+    assert by.loc["zero_background", "qc_pass"], by.loc["zero_background", "qc_reason"]
+    assert set(reference.NOT_REFERENCED) <= set(reference.ANAT_METRICS)
+    assert not set(reference.NOT_REFERENCED) & set(reference.REFERENCE_METRICS)
+
+
 def test_layer2_reference_is_one_sided(qc_cfg: QCConfig) -> None:
     limit = qc_cfg.reference_z_limit
     df = curation.build_table([
@@ -157,8 +194,8 @@ def test_layer3_site_outliers_need_a_known_site_with_enough_scans(qc_cfg: QCConf
 
 
 def test_layer4_classifier_probability_and_operating_point(qc_cfg: QCConfig) -> None:
-    recs = [_rec("clean", _scan()), _rec("bad", _scan({"air_signal": 5.0, "brain_holes": 5.0}))]
-    # The reference alone (limit 15) keeps "bad" (z 5); the classifier trained on severe air signal does not.
+    recs = [_rec("clean", _scan()), _rec("bad", _scan({"air_signal": 5.0}))]
+    # The reference alone (limit 12) keeps "bad" (z 5); the classifier trained on severe air signal does not.
     by = curation.build_table(recs, qc_cfg).set_index("subject")
     assert by.loc["clean", "p_artifact"] < 0.2 and by.loc["clean", "qc_pass"]
     assert by.loc["bad", "p_artifact"] > 0.8 and by.loc["bad", "qc_layer"] == "classifier"
@@ -170,7 +207,7 @@ def test_layer4_classifier_probability_and_operating_point(qc_cfg: QCConfig) -> 
 
 def test_refit_from_ratings_changes_the_decision_of_a_similar_scan(qc_cfg: QCConfig, tmp_path: Path) -> None:
     """A reviewer excludes scans with a pattern the shipped training never saw (a WM trend at z 4: inside the
-    reference limit of 15); after the refit the classifier rejects an unrated scan with the same pattern."""
+    reference limit of 12); after the refit the classifier rejects an unrated scan with the same pattern."""
     from pipeline.cli import main
     from pipeline.core.config import Config, write_resolved_config
     from qc import review
