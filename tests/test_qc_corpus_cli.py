@@ -69,6 +69,19 @@ def _top_cut(data: np.ndarray) -> np.ndarray:
     return out
 
 
+def _tissue_loss(data: np.ndarray) -> np.ndarray:
+    # A spherical signal void 30 mm in radius, 25 mm right of and 15 mm above the head's centre (as the
+    # issue-16 benchmark's severe tissue loss).
+    affine = nib.load(CORPUS / "sub-mrtrixM" / "anat" / "sub-mrtrixM_T1w.nii.gz").affine
+    ijk = np.indices(data.shape, dtype=np.float32)
+    xyz = np.tensordot(affine[:3, :3], ijk, axes=1) + affine[:3, 3][:, None, None, None]
+    head = data > 0.3 * np.percentile(data[data > 0], 50)
+    centre = np.array([float(xyz[i][head].mean()) for i in range(3)]) + np.array([25.0, 0.0, 15.0])
+    out = data.copy()
+    out[((xyz - centre[:, None, None, None]) ** 2).sum(axis=0) <= 30.0**2] = 0.0
+    return out
+
+
 @pytest.fixture(scope="module")
 def curated(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
 
@@ -80,10 +93,11 @@ def curated(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
         _copy_subject(sub, bids, files)
     _copy_subject("mrtrixM", bids, CLEAN["mrtrixM"], "noisyM", _rician)
     _copy_subject("ds011s01", bids, ["sub-ds011s01_T1w.nii.gz"], "cropS", _top_cut)
+    _copy_subject("mrtrixM", bids, CLEAN["mrtrixM"], "holeM", _tissue_loss)
     # A T2w stored as T1w (wrong modality).
     _copy_subject("ds011s01", bids, ["sub-ds011s01_acq-inplane_T2w.nii.gz"], "swapS",
                   rename={"acq-inplane_T2w": "T1w"})
-    parts = ["participant_id\tsite"] + [f"sub-{s}\tn/a" for s in ("mrtrixM", "ds011s01", "noisyM", "cropS", "swapS")]
+    parts = ["participant_id\tsite"] + [f"sub-{s}\tn/a" for s in ("mrtrixM", "ds011s01", "noisyM", "cropS", "holeM", "swapS")]
     (bids / "participants.tsv").write_text("\n".join(parts) + "\n")
     out = root / "out"
     # a fresh process, as a user's command: ANTs fixes its thread count when first used in a process, and an
@@ -103,13 +117,11 @@ def test_clean_corpus_scans_are_included(curated: pd.DataFrame) -> None:
 
 def test_severe_copies_are_excluded_with_a_reason(curated: pd.DataFrame) -> None:
     bad = curated[~curated["subject"].isin(CLEAN)].set_index("subject")
-    assert sorted(bad.index) == ["cropS", "noisyM", "swapS"]
-    caught = bad.loc[["noisyM", "swapS"]]
-    assert not caught["include"].any(), bad[["qc_layer", "qc_reason", "p_artifact"]].to_string()
-    assert (caught["qc_reason"].str.len() > 0).all()
-    # The 40 % top cut is not caught reliably at the default operating point (P(artifact) 0.92-0.97 against the
-    # 0.95 limit across runs; issue 16's leave-one-source-out recall is 0.76): the classifier must still rate it
-    # far more likely an artifact than the clean scans.
-    clean_p = curated.loc[curated["subject"].isin(CLEAN), "p_artifact"].max()
-    assert bad.loc["cropS", "p_artifact"] > max(0.5, clean_p)
+    assert sorted(bad.index) == ["cropS", "holeM", "noisyM", "swapS"]
+    assert not bad["include"].any(), bad[["qc_layer", "qc_reason", "p_artifact"]].to_string()
+    assert (bad["qc_reason"].str.len() > 0).all()
     assert "absolute" in bad.loc["swapS", "qc_layer"]  # the T2w contrast under a T1w label
+    # The 40 % top cut and the 30 mm void leave voids a 12 mm ball fits into (qc.metrics.signal_void).
+    for sub in ("cropS", "holeM"):
+        assert "absolute" in bad.loc[sub, "qc_layer"] and "signal voids" in bad.loc[sub, "qc_reason"]
+    assert (curated.loc[curated["subject"].isin(CLEAN), "signal_void"] == 0).all()
