@@ -10,13 +10,14 @@ scan labelled with another contrast; severe only).
 
 Processing per scan follows the anatomical workflow (``workflows.ops.anat``):
 validation/reorientation, N4, affine registration to the 2 mm MNI template of
-its contrast, Lanczos resampling of the N4 image and the bias field. To keep
-the CPU cost sane, (a) N4 fits the field at 2 mm (``n4_working_resolution_mm
-= 2``, ~15x faster than the workflow's native-grid default; every case,
-clean included, goes through the same chain), (b) the registration of the
-clean scan is reused for its corrupted copies except the wrong-orientation
-ones, which are registered afresh, and (c) the brain mask is the template's
-(the workflow's ``--skull-strip template`` path). Metrics are computed by the
+its contrast, resampling of the N4 image and the bias field. (a) N4 fits the
+field on a 2 mm copy (the workflow's default is a 3 mm copy, shrink 2; every
+case, clean included, goes through the same chain). (b) The clean scan's
+registration is the workflow's own when ``--prep-dir`` holds it, else the
+workflow's affine with its ``[anat]`` settings (moving image at 2 mm, whole
+head); it is reused for the corrupted copies except the wrong-orientation
+ones, which are registered afresh the same way. (c) The brain mask is the
+template's (the workflow's ``--skull-strip template`` path). Metrics are computed by the
 same function as the group step (:func:`qc.group.anat_metrics`).
 
 Evaluation: sources are the corpus' ``source_repo`` (6) and the origin of
@@ -241,6 +242,17 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(img, path)
 
 
+def _register(moving: Path, modality: str, out_xfm: Path) -> None:
+    """The workflow's affine registration with its ``[anat]`` settings (moving image at 2 mm, sampling rate),
+    whole head as on its ``--skull-strip template`` path."""
+    from pipeline.core.config import AnatConfig
+    from workflows.ops.anat import register_affine
+
+    a = AnatConfig()
+    register_affine(str(moving), _template(modality), str(out_xfm), sampling_rate=a.registration_sampling_rate,
+                    moving_resolution_mm=a.registration_moving_resolution_mm)
+
+
 def _template(modality: str) -> str:
     from pipeline.core.templates import get_template
 
@@ -277,7 +289,7 @@ def prep_xfm(scan: RealScan) -> Path | None:
 def prepare_scan(scan: RealScan, work: Path) -> Path:
     """Validate/reorient and N4 (2 mm fit) the clean scan; its registration is the workflow's own when a
     ``--prep-dir`` holds it, else run here with the workflow's settings; cached."""
-    from workflows.ops.anat import n4_correct, register_affine, validate_anat_file
+    from workflows.ops.anat import n4_correct, validate_anat_file
 
     folder = work / "scans" / scan.key
     xfm = folder / "xfm.mat"
@@ -294,14 +306,14 @@ def prepare_scan(scan: RealScan, work: Path) -> Path:
         shutil.copyfile(reused, folder / "tmp.mat")
         (folder / "xfm_source.txt").write_text(str(reused))
     else:
-        register_affine(str(folder / "n4.nii.gz"), _template(scan.modality), str(folder / "tmp.mat"))
+        _register(folder / "n4.nii.gz", scan.modality, folder / "tmp.mat")
     (folder / "tmp.mat").rename(xfm)
     return folder
 
 
 def process_case(case: Case, work: Path) -> dict[str, float]:
     """Corrupt -> N4 -> (re)register -> resample -> metrics; cached per case."""
-    from workflows.ops.anat import n4_correct, register_affine, resample_to_template
+    from workflows.ops.anat import n4_correct, resample_to_template
 
     out = work / "cases" / case.key
     metrics_file = out / f"metrics_v{METRICS_VERSION}.json"
@@ -330,7 +342,7 @@ def process_case(case: Case, work: Path) -> dict[str, float]:
             for src, dst in ((scan_dir / "n4.nii.gz", out / "n4.nii"), (scan_dir / "bias.nii.gz", out / "bias.nii")):
                 _save(np.asanyarray(nib.load(src).dataobj), turned, dst)
             n4, bias, xfm = out / "n4.nii", out / "bias.nii", out / "xfm.mat"
-            register_affine(str(n4), _template(case.scan.modality), str(xfm))
+            _register(n4, case.scan.modality, xfm)
         elif case.artifact == "bias":
             # The field is what N4 must estimate: N4 runs on the corrupted scan.
             data = inject(data, affine, case.artifact, case.severity, zlib.crc32(case.key.encode()))

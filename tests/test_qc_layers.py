@@ -195,7 +195,7 @@ def test_layer3_site_outliers_need_a_known_site_with_enough_scans(qc_cfg: QCConf
 
 def test_layer4_classifier_probability_and_operating_point(qc_cfg: QCConfig) -> None:
     recs = [_rec("clean", _scan()), _rec("bad", _scan({"air_signal": 5.0}))]
-    # The reference alone (limit 12) keeps "bad" (z 5); the classifier trained on severe air signal does not.
+    # The reference alone (limit 10) keeps "bad" (z 5); the classifier trained on severe air signal does not.
     by = curation.build_table(recs, qc_cfg).set_index("subject")
     assert by.loc["clean", "p_artifact"] < 0.2 and by.loc["clean", "qc_pass"]
     assert by.loc["bad", "p_artifact"] > 0.8 and by.loc["bad", "qc_layer"] == "classifier"
@@ -207,7 +207,7 @@ def test_layer4_classifier_probability_and_operating_point(qc_cfg: QCConfig) -> 
 
 def test_refit_from_ratings_changes_the_decision_of_a_similar_scan(qc_cfg: QCConfig, tmp_path: Path) -> None:
     """A reviewer excludes scans with a pattern the shipped training never saw (a WM trend at z 4: inside the
-    reference limit of 12); after the refit the classifier rejects an unrated scan with the same pattern."""
+    reference limit of 10); after the refit the classifier rejects an unrated scan with the same pattern."""
     from pipeline.cli import main
     from pipeline.core.config import Config, write_resolved_config
     from qc import review

@@ -379,10 +379,7 @@ class QCConfig:
     reference_table: str = ""
     # Both chosen by leave-one-source-out over the 9 sources of benchmarks/qc_generalisation.py (smallest values
     # whose inner false-reject rate on clean + mild stays <= 0.03); see benchmarks/README.md for what they reach.
-    # The z limit there is 10 on the benchmark's processing (2 mm N4, cubic resampling); the workflow's own
-    # (native-grid N4, Lanczos) puts one clean corpus T1w at z 11.5 (WM trend), so the default is the next
-    # grid value.
-    reference_z_limit: float = 12.0
+    reference_z_limit: float = 10.0
     outlier_k: float = 3.5
     outlier_min_group: int = 5
     outlier_rule_min_group: int = 10
