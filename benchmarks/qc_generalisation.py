@@ -590,6 +590,8 @@ def evaluate(df: pd.DataFrame) -> None:
     sources = sorted(df["source"].unique())
     loso = {}
     ops = {}
+    shipped = _shipped_operating()
+    fixed = pd.Series(False, index=df.index)  # the shipped operating point in every fold
     for s in sources:
         train, test = df[df["source"] != s], df[df["source"] == s]
         op = choose_operating(train)
@@ -599,14 +601,10 @@ def evaluate(df: pd.DataFrame) -> None:
         for k, v in dec.items():
             loso.setdefault(k, pd.Series(False, index=df.index)).loc[test.index] = v
         loso.setdefault("p", pd.Series(np.nan, index=df.index)).loc[test.index] = scores["p"]
+        fixed.loc[test.index] = decide(scores, shipped)["all"]
     op_all = choose_operating(df)
     ins = decide(_fold_scores(df, df), op_all)
     label = df["label"].to_numpy()
-    shipped = _shipped_operating()
-    fixed = pd.Series(False, index=df.index)
-    for s in sources:  # the shipped operating point in every fold (reference and classifier still without s)
-        test = df[df["source"] == s]
-        fixed.loc[test.index] = decide(_fold_scores(df[df["source"] != s], test), shipped)["all"]
 
     print("\noperating points (z limit / classifier threshold) chosen by inner LOSO:")
     for s, op in ops.items():
