@@ -16,7 +16,12 @@ them (``benchmarks/qc_generalisation.py``; label 1 = severe). Ratings
 collected with ``neurocurate qc review`` / ``import-ratings`` are extra labels
 (exclude = 1, include = 0) of this dataset's own scans, each repeated
 ``QCConfig.rating_weight`` times; :func:`pipeline.stages.qc.refit_classifier` refits the model
-from them and rewrites the curation table and reports. The model is fitted
+from them and rewrites the curation table and reports. A scan from a site
+with enough scans of its modality is read against that site's typical scan
+(:func:`qc.reference.site_shifts`), and the training rows of sources with
+enough scans are read the same way (:func:`cohort_shifts`), so that the model
+learns and judges "worse than its own site", not "unlike the other scanners"
+(benchmarks/README.md, issue 16). The model is fitted
 when needed (under a second on the shipped table), so no pickled model with a
 scikit-learn version tie is shipped.
 """
@@ -34,11 +39,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.errors import InputError
-from qc.reference import ANAT_MODALITIES, z_frame
+from qc.reference import ANAT_MODALITIES, raw_z_frame, site_shift, z_frame
 
 __all__ = [
     "FEATURES",
     "FEATURE_METRICS",
+    "cohort_shifts",
     "features",
     "fit",
     "load_training",
@@ -82,15 +88,62 @@ def load_training(path: str | Path | None = None) -> pd.DataFrame:
     return df
 
 
-def features(df: pd.DataFrame, reference: pd.DataFrame) -> np.ndarray:
-    """Feature matrix (rows of ``df``, columns :data:`FEATURES`); NaN where a metric is missing."""
-    z = z_frame(df, reference, FEATURE_METRICS).to_numpy(dtype=float)
+def features(df: pd.DataFrame, reference: pd.DataFrame, shift: pd.DataFrame | None = None) -> np.ndarray:
+    """Feature matrix (rows of ``df``, columns :data:`FEATURES`); NaN where a metric is missing.
+
+    ``shift`` (:func:`qc.reference.site_shifts`) measures each row's z from its site's typical scan.
+    """
+    z = z_frame(df, reference, FEATURE_METRICS, shift=shift).to_numpy(dtype=float)
     # Clip: a z of 200 says no more than one of 30, and clipping keeps the trees' splits in the useful range.
     return np.clip(z, -30.0, 30.0)
 
 
-def fit(training: pd.DataFrame, reference: pd.DataFrame, extra: pd.DataFrame | None = None, extra_weight: int = 1) -> Any:
+def cohort_shifts(table: pd.DataFrame, reference: pd.DataFrame, min_group: int, cap: float) -> pd.DataFrame:
+    """Site shift (:func:`qc.reference.site_shift`) of every row of a labelled artifact table.
+
+    A row (a clean scan or a corrupted copy of one) is read as a scan of its
+    source's dataset: its cohort is the other clean scans of its ``source``
+    with its ``modality`` plus the row itself, and it is shifted when the
+    cohort has at least ``min_group`` scans -- as :func:`qc.reference.site_shifts`
+    does for a dataset being curated. Needs ``source``, ``modality``,
+    ``severity`` and ``scan`` (or ``case`` = ``<scan>__<artifact>__<severity>``)
+    columns; a table without them gets no shift.
+    """
+    out = pd.DataFrame(0.0, index=table.index, columns=list(FEATURE_METRICS))
+    if min_group <= 0 or table.empty or not {"source", "severity"} <= set(table.columns):
+        return out
+    if "scan" in table.columns:
+        scan = table["scan"].astype(str)
+    elif "case" in table.columns:
+        scan = table["case"].astype(str).str.split("__").str[0]
+    else:
+        return out
+    raw = raw_z_frame(table, reference, FEATURE_METRICS)
+    clean = (table["severity"] == "clean").to_numpy()
+    source = table["source"].astype(str).to_numpy()
+    modality = table["modality"].astype(str).to_numpy()
+    scan_ = scan.to_numpy()
+    for i, idx in enumerate(table.index):
+        if modality[i] not in ANAT_MODALITIES:
+            continue
+        peers = clean & (source == source[i]) & (modality == modality[i]) & (scan_ != scan_[i])
+        if peers.sum() + 1 >= min_group:
+            cohort = [*table.index[peers], idx]
+            out.loc[idx] = site_shift(raw.loc[cohort], modality[i], cap).to_numpy()
+    return out
+
+
+def fit(
+    training: pd.DataFrame, reference: pd.DataFrame, extra: pd.DataFrame | None = None, extra_weight: int = 1,
+    extra_shift: pd.DataFrame | None = None, site_min_group: int = 0, site_cap: float = 0.0,
+) -> Any:
     """Fit the classifier on ``training`` (and ``extra`` rated rows, each repeated ``extra_weight`` times).
+
+    With ``site_min_group`` > 0 the training rows of sources with enough scans are read against their
+    source's typical scan (:func:`cohort_shifts`, shift at most ``site_cap``), as scans of such sites
+    are at prediction. ``extra_shift`` (index of ``extra``) is the site shift the rated rows get at
+    prediction (:func:`predict`), so that a rating teaches the model about the features it will be
+    applied to.
 
     Returns
     -------
@@ -98,12 +151,15 @@ def fit(training: pd.DataFrame, reference: pd.DataFrame, extra: pd.DataFrame | N
     """
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    parts = [training[training["modality"].isin(ANAT_MODALITIES)]]
+    train = training[training["modality"].isin(ANAT_MODALITIES)]
+    X = features(train, reference, cohort_shifts(train, reference, site_min_group, site_cap))
+    y = train["label"].astype(int).to_numpy()
     if extra is not None and not extra.empty:
-        parts.append(extra.loc[extra.index.repeat(max(int(extra_weight), 1))])
-    data = pd.concat(parts, ignore_index=True)
-    y = data["label"].astype(int).to_numpy()
-    X = features(data, reference)
+        extra = extra[extra["modality"].isin(ANAT_MODALITIES)]
+        reps = max(int(extra_weight), 1)
+        X_extra = features(extra, reference, None if extra_shift is None else extra_shift.loc[extra.index])
+        X = np.concatenate([X, np.repeat(X_extra, reps, axis=0)])
+        y = np.concatenate([y, np.repeat(extra["label"].astype(int).to_numpy(), reps)])
     if np.isnan(X).all():
         raise ValueError(f"the classifier's training rows have none of its features {list(FEATURE_METRICS)}")
     if len(np.unique(y)) < 2:
@@ -116,30 +172,38 @@ def fit(training: pd.DataFrame, reference: pd.DataFrame, extra: pd.DataFrame | N
     return model
 
 
-def predict(model: Any, df: pd.DataFrame, reference: pd.DataFrame) -> np.ndarray:
-    """P(severe artifact) per row; NaN for rows that are not anatomical."""
+def predict(model: Any, df: pd.DataFrame, reference: pd.DataFrame, shift: pd.DataFrame | None = None) -> np.ndarray:
+    """P(severe artifact) per row; NaN for rows that are not anatomical.
+
+    ``shift`` (same index as ``df``; :func:`qc.reference.site_shifts`) measures the features of rows
+    from a site with enough scans from that site's typical scan instead of the reference median.
+    """
     out = np.full(len(df), np.nan)
     anat = df["modality"].isin(ANAT_MODALITIES).to_numpy()
     if anat.any():
-        out[anat] = model.predict_proba(features(df[anat], reference))[:, 1]
+        sub = df[anat]
+        out[anat] = model.predict_proba(features(sub, reference, None if shift is None else shift.loc[sub.index]))[:, 1]
     return out
 
 
 @functools.lru_cache(maxsize=4)
-def _default_model(training_path: str, reference_path: str, stamp: tuple[float, float]) -> Any:
+def _default_model(training_path: str, reference_path: str, stamp: tuple[float, float], site_min_group: int,
+                   site_cap: float) -> Any:
     from qc.reference import load_reference
 
-    return fit(load_training(training_path), load_reference(reference_path or None))
+    return fit(load_training(training_path), load_reference(reference_path or None),
+               site_min_group=site_min_group, site_cap=site_cap)
 
 
-def default_model(training_path: str = "", reference_path: str = "") -> Any:
+def default_model(training_path: str = "", reference_path: str = "", site_min_group: int = 0,
+                  site_cap: float = 0.0) -> Any:
     """The classifier fitted on a training table without ratings (cached per process and file version)."""
     from qc.reference import shipped_reference_path
 
     training_path = training_path or str(shipped_training_path())
     stamp = tuple(Path(p).stat().st_mtime if Path(p).is_file() else 0.0
                   for p in (training_path, reference_path or shipped_reference_path()))
-    return _default_model(training_path, reference_path, stamp)
+    return _default_model(training_path, reference_path, stamp, int(site_min_group), float(site_cap))
 
 
 def rating_rows(table: pd.DataFrame, ratings: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:

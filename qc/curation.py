@@ -16,7 +16,10 @@ failures and ``qc_reason`` says why in words.
    ``outlier_min_group`` scans, a rule from ``outlier_rule_min_group`` scans
    of a known site.
 4. **classifier** - P(severe artifact) from :mod:`qc.classifier` at or above
-   ``classifier_threshold`` (``p_artifact`` column).
+   ``classifier_threshold`` (``p_artifact`` column). A scan of a known site
+   with at least ``site_calibration_min_group`` scans of its modality is read
+   against its site's typical scan (:func:`qc.reference.site_shifts`), so
+   that a whole site's style is not taken for an artifact.
 
 The final ``include`` column is the reviewer's override when one is set,
 else ``qc_pass``.
@@ -40,7 +43,14 @@ from pipeline.core.layout import (
     CURATION_ENTITY_COLUMNS,
     OutputLayout,
 )
-from qc.reference import ANAT_MODALITIES, DIRECTION, bad_z, direction, load_reference
+from qc.reference import (
+    ANAT_MODALITIES,
+    DIRECTION,
+    bad_z,
+    direction,
+    load_reference,
+    site_shifts,
+)
 
 __all__ = [
     "ENTITY_COLUMNS",
@@ -249,16 +259,23 @@ def _rule_failures(df: pd.DataFrame, qc: QCConfig, metric_names: list[str], rati
     site_z = site_outliers(df, metric_names, qc.outlier_min_group)
     group_size = df.groupby(["modality", "site"])["path"].transform("size")
     p_artifact = np.full(len(df), np.nan)
+    calibrated = pd.Series(False, index=df.index)
     if qc.classifier and df["modality"].isin(ANAT_MODALITIES).any():
         from qc import classifier
 
+        site = df["site"].where(df["site"] != "unknown")
+        shift = site_shifts(df, reference, classifier.FEATURE_METRICS, site, qc.site_calibration_min_group,
+                            qc.reference_z_limit)
+        calibrated = (shift != 0).any(axis=1)
         rated = classifier.rating_rows(df, ratings)
         if rated.empty:
-            model = classifier.default_model(qc.classifier_training, qc.reference_table)
+            model = classifier.default_model(qc.classifier_training, qc.reference_table,
+                                             qc.site_calibration_min_group, qc.reference_z_limit)
         else:
             training = classifier.load_training(qc.classifier_training or None)
-            model = classifier.fit(training, reference, rated, qc.rating_weight)
-        p_artifact = classifier.predict(model, df, reference)
+            model = classifier.fit(training, reference, rated, qc.rating_weight, extra_shift=shift,
+                                   site_min_group=qc.site_calibration_min_group, site_cap=qc.reference_z_limit)
+        p_artifact = classifier.predict(model, df, reference, shift)
     out = []
     for i, (idx, row) in enumerate(df.iterrows()):
         modality = str(row["modality"])
@@ -295,9 +312,11 @@ def _rule_failures(df: pd.DataFrame, qc: QCConfig, metric_names: list[str], rati
             if np.isfinite(p) and p >= qc.classifier_threshold:
                 layers.append("classifier")
                 failed.append(f"classifier:p={p:.2f}>={qc.classifier_threshold:g}")
+                against = (f", its metrics read against the typical {modality} scan of site {row['site']}"
+                           if calibrated[idx] else "")
                 reasons.append(
                     f"classifier: the artifact classifier gives a {100 * p:.0f}% probability of a severe artifact "
-                    f"(rejects from {100 * qc.classifier_threshold:.0f}%)"
+                    f"(rejects from {100 * qc.classifier_threshold:.0f}%{against})"
                 )
         out.append({
             "qc_pass": not layers,

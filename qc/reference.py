@@ -25,14 +25,17 @@ __all__ = [
     "ANAT_MODALITIES",
     "DIRECTION",
     "NOT_REFERENCED",
-    "REFERENCE_COLUMNS",
     "POOLED_METRICS",
+    "REFERENCE_COLUMNS",
     "REFERENCE_METRICS",
     "bad_z",
     "build_reference",
     "direction",
     "load_reference",
+    "raw_z_frame",
     "shipped_reference_path",
+    "site_shift",
+    "site_shifts",
     "z_frame",
 ]
 
@@ -186,10 +189,14 @@ def load_reference(path: str | Path | None = None) -> pd.DataFrame:
     return ref
 
 
+def _towards_degradation(z: np.ndarray, direction_: int) -> np.ndarray:
+    """Raw robust z signed so that positive = towards degradation (``|z|`` for two-sided metrics)."""
+    return np.abs(z) if direction_ == 0 else -direction_ * z
+
+
 def _signed_z(values: np.ndarray, median: float, scale: float, direction_: int) -> np.ndarray:
     """Robust z of ``values`` signed so that positive = towards degradation (``|z|`` for two-sided metrics)."""
-    z = (values - median) / scale
-    return np.abs(z) if direction_ == 0 else -direction_ * z
+    return _towards_degradation((values - median) / scale, direction_)
 
 
 def bad_z(metrics: Mapping[str, float], modality: str, reference: pd.DataFrame) -> dict[str, float]:
@@ -212,18 +219,79 @@ def bad_z(metrics: Mapping[str, float], modality: str, reference: pd.DataFrame) 
     return out
 
 
-def z_frame(df: pd.DataFrame, reference: pd.DataFrame, metrics: Iterable[str] = REFERENCE_METRICS) -> pd.DataFrame:
-    """``bad_z`` of every row of a metrics table, one column per metric (NaN where not defined)."""
+def raw_z_frame(df: pd.DataFrame, reference: pd.DataFrame, metrics: Iterable[str] = REFERENCE_METRICS) -> pd.DataFrame:
+    """``(value - median) / scale`` of every row against its modality's reference, unsigned by direction.
+
+    One column per metric; NaN where the metric or its reference row is missing.
+    """
     metrics = list(metrics)
     out = pd.DataFrame(np.nan, index=df.index, columns=metrics, dtype=float)
     mods = df["modality"].astype(str).to_numpy() if "modality" in df.columns else np.array([""] * len(df))
     for r in reference.itertuples(index=False):
-        if r.metric not in out.columns or r.metric not in df.columns:
+        if r.metric not in out.columns or r.metric not in df.columns or r.metric not in REFERENCE_METRICS:
             continue
         rows = mods == str(r.modality)
         if not rows.any():
             continue
         values = pd.to_numeric(df[r.metric], errors="coerce").to_numpy(dtype=float)[rows]
-        z = _signed_z(values, float(r.median), float(r.scale), int(r.direction))
-        out.loc[out.index[rows], r.metric] = np.where(np.isfinite(values), z, np.nan)
+        out.loc[out.index[rows], r.metric] = (values - float(r.median)) / float(r.scale)
+    return out
+
+
+def site_shift(raw_z: pd.DataFrame, modality: str, cap: float) -> pd.Series:
+    """How far a site's typical scan sits from the reference towards degradation, per metric.
+
+    The median of the site's raw z (:func:`raw_z_frame`, one row per scan of
+    one modality), kept only in the direction of degradation (a site better
+    than the reference earns no allowance) and at most ``cap`` reference
+    scales (a site beyond the reference limit is not a style but a problem,
+    and the reference layer judges it). Two-sided metrics keep the median's
+    sign. Metrics without a finite value give 0.
+    """
+    med = raw_z.median(skipna=True).fillna(0.0)
+    out = {}
+    for metric, m in med.items():
+        d = direction(modality, str(metric)) if metric in DIRECTION else 0
+        lo, hi = {1: (-cap, 0.0), -1: (0.0, cap), 0: (-cap, cap)}[d]
+        out[metric] = float(np.clip(m, lo, hi))
+    return pd.Series(out, index=raw_z.columns, dtype=float)
+
+
+def site_shifts(
+    df: pd.DataFrame, reference: pd.DataFrame, metrics: Iterable[str], site: pd.Series, min_group: int, cap: float,
+) -> pd.DataFrame:
+    """:func:`site_shift` of each row's (modality, site) group; 0 for rows whose site is NaN/empty or
+    whose group has fewer than ``min_group`` scans (or ``min_group`` <= 0)."""
+    metrics = list(metrics)
+    out = pd.DataFrame(0.0, index=df.index, columns=metrics)
+    if min_group <= 0 or df.empty:
+        return out
+    raw = raw_z_frame(df, reference, metrics)
+    known = site.notna() & (site.astype(str) != "")
+    keys = pd.DataFrame({"modality": df["modality"].astype(str), "site": site.astype(str)})[known]
+    for (modality, _), group in keys.groupby(["modality", "site"], sort=False):
+        if len(group) >= min_group and modality in ANAT_MODALITIES:
+            out.loc[group.index] = site_shift(raw.loc[group.index], modality, cap).to_numpy()[None, :]
+    return out
+
+
+def z_frame(
+    df: pd.DataFrame, reference: pd.DataFrame, metrics: Iterable[str] = REFERENCE_METRICS,
+    shift: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """``bad_z`` of every row of a metrics table, one column per metric (NaN where not defined).
+
+    ``shift`` (same index, metric columns; :func:`site_shifts`) is subtracted from the raw z before
+    the direction is applied: the z is then measured from the site's typical scan.
+    """
+    raw = raw_z_frame(df, reference, metrics)
+    if shift is not None:
+        raw = raw - shift.reindex(index=raw.index, columns=raw.columns).fillna(0.0)
+    out = raw.copy()
+    mods = df["modality"].astype(str).to_numpy() if "modality" in df.columns else np.array([""] * len(df))
+    for r in reference.itertuples(index=False):
+        if r.metric not in out.columns:
+            continue
+        rows = out.index[mods == str(r.modality)]
+        out.loc[rows, r.metric] = _towards_degradation(raw.loc[rows, r.metric].to_numpy(dtype=float), int(r.direction))
     return out

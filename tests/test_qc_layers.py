@@ -255,3 +255,40 @@ def test_reference_build_balances_sources() -> None:
     assert unbalanced["median"] == 1.0
     z = reference.bad_z({"snr": 2.0 - 7 * row["scale"]}, "T1w", ref)
     assert z["snr"] == pytest.approx(7.0)
+
+
+def test_site_shift_is_towards_degradation_only_and_capped() -> None:
+    raw = pd.DataFrame({"snr": [-4.0, -5.0, -6.0], "wm_trend": [20.0, 30.0, 25.0],
+                        "wm_gm_ratio": [-3.0, -2.0, -4.0], "cnr": [2.0, 3.0, 4.0]})
+    shift = reference.site_shift(raw, "T1w", cap=10.0)
+    assert shift["snr"] == -5.0  # lower SNR is worse: the site's median is allowed
+    assert shift["wm_trend"] == 10.0  # capped at the reference limit
+    assert shift["wm_gm_ratio"] == -3.0  # two-sided: the median with its sign
+    assert shift["cnr"] == 0.0  # a site better than the reference earns no allowance
+
+
+def test_site_shifts_need_a_known_site_with_enough_scans(tmp_path: Path) -> None:
+    ref = reference.load_reference(_planted_reference(tmp_path / "ref.tsv"))
+    low = _scan({"wm_trend": 4.0})
+    df = pd.DataFrame([{"modality": "T1w", **low}] * 9)
+    site = pd.Series(["A"] * 5 + ["B"] * 3 + [None])
+    shift = reference.site_shifts(df, ref, ["wm_trend", "snr"], site, min_group=5, cap=10.0)
+    assert shift.loc[:4, "wm_trend"].tolist() == pytest.approx([4.0] * 5) and (shift.loc[:4, "snr"] == 0).all()
+    assert (shift.loc[5:, "wm_trend"] == 0).all()  # B has 3 scans; the last row has no site
+    z = reference.z_frame(df, ref, ["wm_trend"], shift=shift)["wm_trend"]
+    assert z.loc[:4].tolist() == pytest.approx([0.0] * 5) and z.loc[5:].tolist() == pytest.approx([4.0] * 4)
+    assert (reference.site_shifts(df, ref, ["wm_trend"], site, min_group=0, cap=10.0) == 0).all().all()
+
+
+def test_training_cohort_is_the_other_clean_scans_of_the_source_plus_the_row(tmp_path: Path) -> None:
+    ref = reference.load_reference(_planted_reference(tmp_path / "ref.tsv"))
+    rows = [{"case": f"a{i}__clean__clean", "source": "A", "severity": "clean", "modality": "T1w",
+             **_scan({"wm_trend": 2.0 + i})} for i in range(5)]  # z 2..6, median 4
+    rows.append({"case": "a0__bias__severe", "source": "A", "severity": "severe", "modality": "T1w",
+                 **_scan({"wm_trend": 30.0})})
+    rows.append({"case": "b0__clean__clean", "source": "B", "severity": "clean", "modality": "T1w", **_scan()})
+    table = pd.DataFrame(rows)
+    shift = classifier.cohort_shifts(table, ref, min_group=5, cap=10.0)["wm_trend"]
+    assert shift.iloc[0] == pytest.approx(4.0)  # a0 among a1..a4: z 2,3,4,5,6
+    assert shift.iloc[5] == pytest.approx(5.0)  # the copy replaces a0: z 3,4,5,6,30
+    assert shift.iloc[6] == 0.0  # source B: one scan

@@ -366,7 +366,13 @@ class QCConfig:
        dataset's reviewer ratings, each rating repeated ``rating_weight``
        times; a scan fails when P(artifact) >= ``classifier_threshold``.
        ``classifier_training`` names another training table ("" = the shipped
-       one); ``classifier = false`` turns the layer off.
+       one); ``classifier = false`` turns the layer off. For a scan of a known
+       site with at least ``site_calibration_min_group`` scans of its modality
+       in the dataset (0 = never), the classifier reads the scan's z-scores
+       from the site's typical scan (the group's median) instead of the
+       reference median, where the site sits towards degradation by at most
+       ``reference_z_limit``: a scanner's or population's style is not an
+       artifact, a scan worse than its own site is (:func:`qc.reference.site_shifts`).
 
     ``mi_bins`` is the joint-histogram size for mutual information.
     """
@@ -387,6 +393,7 @@ class QCConfig:
     classifier: bool = True
     classifier_training: str = ""
     classifier_threshold: float = 0.95
+    site_calibration_min_group: int = 5
     rating_weight: int = 20
     mi_bins: int = 64
 
