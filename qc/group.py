@@ -110,6 +110,12 @@ def _sites(output_dir: Path, column: str = "site") -> dict[str, str]:
     if "participant_id" not in df.columns:
         raise InputError(path, "no participant_id column")
     if column not in df.columns:
+        from pipeline.core.config import QCConfig
+
+        if column != QCConfig.site_column:  # named by the user: a typo must not switch two layers off silently
+            raise InputError(path, f"no column {column!r} ([qc] site_column); columns: {', '.join(df.columns)}")
+        log.warning("%s has no %r column: every scan's site is unknown, so the dataset layer's rule and the "
+                    "classifier's site calibration are off ([qc] site_column names another column)", path, column)
         return {}
     return {
         pid.removeprefix("sub-"): site

@@ -84,3 +84,14 @@ def test_without_a_known_site_of_enough_scans_the_style_is_rejected(site_output:
     assert not table.loc[style, "qc_pass"].any()
     assert all("classifier" in layer for layer in table.loc[style, "qc_layer"])
     assert not any("typical" in reason for reason in table["qc_reason"])
+
+
+def test_a_site_column_the_table_lacks_is_a_clear_error(site_output: Path, tmp_path: Path, capsys) -> None:
+    from pipeline.cli import main
+
+    cfg = tmp_path / "typo.toml"
+    cfg.write_text('[qc]\nsite_column = "scaner"\n')
+    code = main(["qc", str(site_output), "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "participants.tsv" in err and "no column 'scaner'" in err and "site, scanner" in err
