@@ -322,3 +322,28 @@ def test_gradient_positions_carry_roi_identity_at_any_coordinate_scale():
     assert roi_BRH.std(1).mean() > 0.2
     # a rescaled coordinate set gives the same code: only the geometry of the gradients matters
     assert torch.allclose(pos({"gradients": 10 * grad_BRk, "x": torch.zeros(2, 10, 16)}), table_BLD, atol=1e-5)
+
+
+def test_collapse_monitor_and_vicreg_terms():
+    from pipeline.pretrain.vit import token_spread, vicreg_terms
+
+    g = torch.Generator().manual_seed(0)
+    same = torch.ones(64, 8)
+    spread = torch.randn(4096, 8, generator=g)
+    assert float(token_spread(same)) == 0.0 and 0.95 < float(token_spread(spread)) < 1.05
+    var, cov = vicreg_terms(same)
+    assert float(var) == pytest.approx(0.99) and float(cov) == 0.0  # collapsed: the hinge is fully on
+    var, cov = vicreg_terms(spread)
+    assert float(var) < 0.03 and float(cov) < 0.01  # isotropic unit tokens: nothing to penalise
+    correlated = torch.cat([spread[:, :1]] * 8, dim=1)
+    assert float(vicreg_terms(correlated)[1]) > 5.0  # every channel the same: covariance penalised
+
+
+def test_regulariser_is_trained_and_logged(tmp_path):
+    base = _cfg(max_steps=2)
+    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, var_reg=1.0, cov_reg=0.04))
+    hist = Trainer(cfg, _fmri_data(), tmp_path, progress=False).fit()
+    assert all({"target_spread", "var_loss", "cov_loss"} <= set(h) for h in hist)
+    assert all(h["loss"] > h["jepa_loss"] for h in hist)  # the terms are part of the objective
+    plain = Trainer(base, _fmri_data(), tmp_path / "plain", progress=False).fit()
+    assert all("target_spread" in h and "var_loss" not in h for h in plain)

@@ -37,7 +37,10 @@ class ModelConfig:
     """Encoder / predictor sizes shared by both JEPA variants.
 
     ``modality`` picks the model: ``fmri`` (Brain-JEPA on ROI x time) or
-    ``anat`` (Neuro-JEPA on MNI volumes).
+    ``anat`` (Neuro-JEPA on MNI volumes). ``var_reg`` / ``cov_reg`` add VICReg's
+    variance and covariance terms on the context encoder's tokens to the JEPA
+    loss (:func:`pipeline.pretrain.vit.vicreg_terms`; 0 = plain I-JEPA), against
+    representation collapse, which the ``target_spread`` training log shows.
     """
 
     modality: Literal["fmri", "anat"] = "fmri"
@@ -49,6 +52,8 @@ class ModelConfig:
     pred_depth: int = 4
     pred_heads: int = 4
     loss: Literal["smooth_l1", "l1", "mse"] = "smooth_l1"
+    var_reg: float = 0.0
+    cov_reg: float = 0.0
 
 
 @dataclass(frozen=True)

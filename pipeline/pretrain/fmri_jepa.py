@@ -89,4 +89,4 @@ def build_fmri_jepa(cfg: PretrainConfig) -> JEPA:
     """Brain-JEPA model for ``cfg`` (predictor dense and narrow)."""
     m = cfg.model
     predictor = Predictor(m.dim, TransformerConfig(m.pred_dim, m.pred_depth, m.pred_heads, m.mlp_ratio, None))
-    return JEPA(FMRIEncoder(cfg), predictor, FMRIPositions(cfg.fmri.gradient_dim, m.pred_dim, cfg.fmri.patch), m.loss)
+    return JEPA(FMRIEncoder(cfg), predictor, FMRIPositions(cfg.fmri.gradient_dim, m.pred_dim, cfg.fmri.patch), m.loss, m.var_reg, m.cov_reg)

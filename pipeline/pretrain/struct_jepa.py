@@ -71,4 +71,4 @@ def build_struct_jepa(cfg: PretrainConfig) -> JEPA:
     """Neuro-JEPA model for ``cfg``."""
     m = cfg.model
     predictor = Predictor(m.dim, TransformerConfig(m.pred_dim, m.pred_depth, m.pred_heads, m.mlp_ratio, None))
-    return JEPA(StructEncoder(cfg), predictor, StructPositions(cfg.anat.patch, m.pred_dim), m.loss)
+    return JEPA(StructEncoder(cfg), predictor, StructPositions(cfg.anat.patch, m.pred_dim), m.loss, m.var_reg, m.cov_reg)

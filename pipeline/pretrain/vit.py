@@ -184,6 +184,31 @@ _LOSSES = {
 }
 
 
+def token_spread(h_ND: torch.Tensor) -> torch.Tensor:
+    """Mean over channels of the standard deviation over tokens: 0 when every token is the same vector.
+
+    On layer-normed tokens a value near 0 means the representation has collapsed (the JEPA loss can then
+    be near 0 with nothing learned); a randomly initialised encoder gives roughly 0.5-1.
+    """
+    return h_ND.float().std(0).mean()
+
+
+def vicreg_terms(z_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's variance hinge and covariance penalty over ``N`` token embeddings of width ``D``.
+
+    Variance: mean over channels of ``relu(1 - std)``; covariance: sum of the squared off-diagonal
+    covariances divided by ``D`` (Bardes, Ponce & LeCun, ICLR 2022). Added to a JEPA objective they keep
+    the context encoder's tokens from collapsing onto one vector (C-JEPA, Mo & Tong, NeurIPS 2024).
+    """
+    z_ND = z_ND.float()
+    z_ND = z_ND - z_ND.mean(0)
+    var = F.relu(1.0 - torch.sqrt(z_ND.var(0) + 1e-4)).mean()
+    cov_DD = z_ND.T @ z_ND / max(z_ND.shape[0] - 1, 1)
+    off_DD = cov_DD - torch.diag(torch.diag(cov_DD))
+    cov = off_DD.pow(2).sum() / z_ND.shape[1]
+    return var, cov
+
+
 class JEPA(nn.Module):
     """Context encoder, EMA target encoder and predictor.
 
@@ -192,10 +217,16 @@ class JEPA(nn.Module):
     ``predictor_pos(batch)`` gives the predictor's position table ``[B, L, P]``.
     Batches carry ``ctx_idx`` ``[B, C]``, ``tgt_idx`` ``[B, M]`` and optionally
     ``weight`` ``[B, M]`` (per-target-token loss weights, mean 1 per sample).
+    ``var_reg`` / ``cov_reg`` weight :func:`vicreg_terms` of the context tokens
+    (0 = the plain I-JEPA objective). Every step logs ``target_spread``
+    (:func:`token_spread` of the layer-normed targets), the collapse monitor.
     """
 
-    def __init__(self, encoder: nn.Module, predictor: Predictor, predictor_pos: nn.Module, loss: str):
+    def __init__(self, encoder: nn.Module, predictor: Predictor, predictor_pos: nn.Module, loss: str,
+                 var_reg: float = 0.0, cov_reg: float = 0.0):
         super().__init__()
+        self.var_reg = float(var_reg)
+        self.cov_reg = float(cov_reg)
         self.encoder = encoder
         self.predictor = predictor
         self.predictor_pos = predictor_pos
@@ -226,9 +257,13 @@ class JEPA(nn.Module):
         jepa_loss = loss_BM.mean()
         aux = self.encoder.aux_loss()
         total = jepa_loss if aux is None else jepa_loss + aux
-        logs = {"jepa_loss": jepa_loss.detach()}
+        logs = {"jepa_loss": jepa_loss.detach(), "target_spread": token_spread(h_BLD.flatten(0, 1)).detach()}
         if aux is not None:
             logs["aux_loss"] = aux.detach()
+        if self.var_reg > 0 or self.cov_reg > 0:
+            var, cov = vicreg_terms(z_BCD.flatten(0, 1))
+            total = total + self.var_reg * var + self.cov_reg * cov
+            logs["var_loss"], logs["cov_loss"] = var.detach(), cov.detach()
         return total, logs
 
     @torch.no_grad()
