@@ -40,7 +40,9 @@ class ModelConfig:
     ``anat`` (Neuro-JEPA on MNI volumes). ``var_reg`` / ``cov_reg`` add VICReg's
     variance and covariance terms on the context encoder's tokens to the JEPA
     loss (:func:`pipeline.pretrain.vit.vicreg_terms`; 0 = plain I-JEPA), against
-    representation collapse, which the ``target_spread`` training log shows.
+    representation collapse, which the ``target_spread`` training log shows. On
+    ABIDE (benchmarks/README.md, issue 14) 1 : 0.04 kept the tokens apart but
+    lowered the readouts that carry signal, so every shipped config has 0.
     """
 
     modality: Literal["fmri", "anat"] = "fmri"
