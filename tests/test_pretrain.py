@@ -347,3 +347,13 @@ def test_regulariser_is_trained_and_logged(tmp_path):
     assert all(h["loss"] > h["jepa_loss"] for h in hist)  # the terms are part of the objective
     plain = Trainer(base, _fmri_data(), tmp_path / "plain", progress=False).fit()
     assert all("target_spread" in h and "var_loss" not in h for h in plain)
+
+
+def test_collapse_warning_names_the_spread():
+    from pipeline.pretrain.train import collapse_warning
+
+    healthy = [{"step": i, "target_spread": 0.8} for i in range(30)]
+    collapsed = healthy + [{"step": 30 + i, "target_spread": 0.02} for i in range(20)]
+    assert collapse_warning(healthy) is None and collapse_warning([{"step": 1, "loss": 0.1}]) is None
+    text = collapse_warning(collapsed)
+    assert text is not None and "collapsed (target_spread 0.020 < 0.1" in text and "var_reg" in text

@@ -40,7 +40,8 @@ from pipeline.pretrain.config import PretrainConfig
 from pipeline.pretrain.moe import moe_stats, update_router_biases
 from pipeline.pretrain.vit import JEPA
 
-__all__ = ["SampleStream", "Trainer", "build_collator", "build_model", "loader_config", "lr_lambda"]
+__all__ = ["COLLAPSE_SPREAD", "SampleStream", "Trainer", "build_collator", "build_model", "collapse_warning", "loader_config",
+           "lr_lambda"]
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +351,9 @@ class Trainer:
                 crash_point("pretrain.checkpoint_saved")
         if bar is not None:
             bar.close()
+        warning = collapse_warning(history)
+        if warning and self.rank == 0:
+            log.warning("%s: %s", self.run_dir, warning)
         return history
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -358,6 +362,20 @@ class Trainer:
             return
         with open(RunLayout(self.run_dir).metrics, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+#: ``target_spread`` below which the encoder counts as collapsed (every token nearly the same vector;
+#: at initialisation it is about 0.9).
+COLLAPSE_SPREAD = 0.1
+
+
+def collapse_warning(history: list[dict[str, float]], window: int = 20) -> str | None:
+    """Words for the user when the last ``window`` steps' mean ``target_spread`` is below :data:`COLLAPSE_SPREAD`."""
+    spreads = [h["target_spread"] for h in history[-window:] if "target_spread" in h]
+    if not spreads or (spread := sum(spreads) / len(spreads)) >= COLLAPSE_SPREAD:
+        return None
+    return (f"the encoder has collapsed (target_spread {spread:.3f} < {COLLAPSE_SPREAD:g}: its tokens are nearly one "
+            "vector, so a low JEPA loss says little); [model] var_reg / cov_reg add anti-collapse terms")
 
 
 def _logged_step(line: str) -> float:
