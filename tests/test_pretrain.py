@@ -172,6 +172,8 @@ def test_config_errors(tmp_path):
         config_from_dict({"fmri": {"num_frames": 100, "patch": 16}})
     with pytest.raises(ConfigError, match="must have 2 value"):
         config_from_dict({"fmri": {"obs_scale": [0.8]}})
+    with pytest.raises(ConfigError, match=r"var_reg and model.cov_reg must be >= 0"):
+        config_from_dict({"model": {"var_reg": -1.0}})
 
 
 def test_empty_dataset_is_an_error(tmp_path):

@@ -179,6 +179,9 @@ def _validate(cfg: PretrainConfig, where: str) -> PretrainConfig:
         raise ConfigError(f"{where}: model.dim / pred_dim must be divisible by heads / pred_heads")
     if m.dim % 2 or m.pred_dim % 2:
         raise ConfigError(f"{where}: model.dim and model.pred_dim must be even (half ROI, half time embedding)")
+    if cfg.model.var_reg < 0 or cfg.model.cov_reg < 0:
+        raise ConfigError(f"{where}: model.var_reg and model.cov_reg must be >= 0 (0 = off), "
+                          f"got {cfg.model.var_reg} and {cfg.model.cov_reg}")
     if not 0.0 < f.edge_zone < 0.5:
         raise ConfigError(f"{where}: fmri.edge_zone must be in (0, 0.5), got {f.edge_zone}")
     if f.num_frames // max(f.patch, 1) < 3:
