@@ -330,3 +330,23 @@ def test_direct_shard_reader_matches_zarr(tmp_path, dtype):
     assert _plain_layout(shard_path(compressed / "fmri-T", 0) / "data") is None
     (got,) = read_fmri_rows(compressed / "fmri-T", 0, np.array([40]), np.array([70]))
     np.testing.assert_array_equal(got, runs["a-1"])
+
+
+def test_interrupted_shard_write_waits_for_zarr_io_before_cleanup(tmp_path):
+    """A write still pending on zarr's IO loop lands before the cleanup that follows an interrupt."""
+    import asyncio
+
+    from zarr.core import sync as zsync
+
+    from pipeline.store.write import _wait_for_zarr_io
+
+    zarr.create_array(str(tmp_path / "warm"), shape=(2,), dtype="f4")  # starts zarr's IO loop
+    late = tmp_path / "late"
+
+    async def slow_write() -> None:
+        await asyncio.sleep(0.3)
+        late.write_text("landed")
+
+    asyncio.run_coroutine_threadsafe(slow_write(), zsync.loop[0])
+    _wait_for_zarr_io(timeout=10)
+    assert late.read_text() == "landed"

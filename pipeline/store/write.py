@@ -279,11 +279,35 @@ def _write_shard(job: _ShardJob, read_sample: ReadSample) -> list[dict[str, Any]
             "existing shards and index are unchanged"
         ) from exc
     except BaseException:
+        # SIGTERM / Ctrl-C raise in the middle of a zarr call whose writes go on in zarr's IO thread: let them
+        # land first, or they would recreate parts of the temporary folder after it was removed.
+        _wait_for_zarr_io()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for loc, row in zip(locations, job.rows):
         loc.update(sample_id=row["sample_id"], shard=job.shard, fingerprint=row.get("fingerprint", ""))
     return locations
+
+def _wait_for_zarr_io(timeout: float = 60.0) -> None:
+    """Block until the coroutines pending on zarr's IO event loop (if it runs) have finished."""
+    import asyncio
+
+    from zarr.core import sync as zsync
+
+    loop = zsync.loop[0]
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def _drain() -> None:
+        me = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not me]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+    try:
+        asyncio.run_coroutine_threadsafe(_drain(), loop).result(timeout + 5)
+    except Exception as exc:  # the cleanup that follows is still worth doing
+        log.warning("zarr writes still pending after %.0f s (%s); removing the temporary shard anyway", timeout, exc)
 
 def _remove_unpublished(store_dir: Path, catalog: pd.DataFrame) -> None:
     """Delete temporary and never-published shard directories left by a crash."""
@@ -387,9 +411,14 @@ def _write_gradients(store_dir: Path, gradients: pd.DataFrame, cfg: ShardsConfig
     values = gradients.drop(columns="roi").to_numpy(dtype=np.float32)
     # One rename publishes the new array (pipeline.core.atomic.atomic_dir): a loader never sees it missing.
     with atomic_dir(store_gradients(store_dir)) as tmp:
-        arr = zarr.create_array(str(tmp), shape=values.shape, dtype=values.dtype, chunks=values.shape,
-                                attributes={"columns": [c for c in gradients.columns if c != "roi"]}, overwrite=True)
-        arr[...] = values
+        try:
+            arr = zarr.create_array(str(tmp), shape=values.shape, dtype=values.dtype, chunks=values.shape,
+                                    attributes={"columns": [c for c in gradients.columns if c != "roi"]},
+                                    overwrite=True)
+            arr[...] = values
+        except BaseException:
+            _wait_for_zarr_io()  # before atomic_dir removes the folder (see _write_shard)
+            raise
 
 def _write_norm_stats(store_dir: Path, index: pd.DataFrame) -> None:
     """Per-ROI median and IQR over sampled frames of the training split."""
