@@ -6,7 +6,8 @@ write (``results.json``, ``predictions.tsv``) and prints:
 
 1. per target (diagnosis, sex), leave-site-out over the six ABIDE dev sites: AUROC [95 % subject-bootstrap
    interval] of the pretrained MoE-JEPA for each readout (mean, per-ROI, ROI similarity, attentive probe,
-   and fine-tuning when ``--finetune-epochs`` > 0), the random encoder with the same readouts, Fisher-z and
+   and fine-tuning when ``--finetune-epochs`` > 0, against a random encoder fine-tuned alike; that evaluation
+   goes to ``eval_finetune<N>/``), the random encoder with the same readouts, Fisher-z and
    tangent connectivity; paired permutation p of pretrained vs random (same readout) and vs the best
    connectivity baseline, and the ratio to the best connectivity baseline (goal >= 0.95);
 2. MoE vs the dense twin with equal active parameters (``cpu`` vs ``cpu_dense``), same readouts, paired p;
@@ -105,6 +106,12 @@ def _checkpoint(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step-{step:08d}.pt"
 
 
+def _eval_dir(work: Path, target: str, tag: str, finetune_epochs: int) -> Path:
+    """Where one evaluation writes; the full one with fine-tuning has its own folder (the others do not change)."""
+    root = work / ("eval" if tag != "moe" or finetune_epochs == 0 else f"eval_finetune{finetune_epochs}")
+    return root / target / tag.replace("/", "_").replace("@", "_at_")
+
+
 def _preds(eval_dir: Path) -> tuple[pd.DataFrame, dict]:
     table = pd.read_csv(eval_dir / "predictions.tsv", sep="\t", dtype={"subject": str})
     res = json.loads((eval_dir / "results.json").read_text())
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     for target, evals in jobs:
         script = ["set -e"]
         for tag, run, ckpt, cfg in evals:
-            out = work / "eval" / target / tag.replace("/", "_").replace("@", "_at_")
+            out = _eval_dir(work, target, tag, args.finetune_epochs)
             if (out / "results.json").is_file():
                 continue
             script.append(" ".join([CLI, "evaluate", str(run), "--shards", str(shards), "--target", target, "--split", "site",
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"evaluation wall time ({len(args.targets)} targets in parallel): {t_eval:.0f} s")
 
     for target, evals in jobs:
-        _report(target, evals, work, args.permutations)
+        _report(target, evals, work, args.permutations, args.finetune_epochs)
     print(f"\ntotal wall time: {time.perf_counter() - t_all:.0f} s; load average at end: "
           + " ".join(f"{v:.2f}" for v in os.getloadavg()))
 
@@ -206,8 +213,8 @@ def _sign(difference: float) -> str:
     return "better" if difference > 0 else "worse" if difference < 0 else "equal"
 
 
-def _report(target: str, evals, work: Path, permutations: int) -> None:
-    out = {tag: work / "eval" / target / tag.replace("/", "_").replace("@", "_at_") for tag, *_ in evals}
+def _report(target: str, evals, work: Path, permutations: int, finetune_epochs: int) -> None:
+    out = {tag: _eval_dir(work, target, tag, finetune_epochs) for tag, *_ in evals}
     main_table, res = _preds(out["moe"])
     classes = res["classes"]
     positive = classes[-1]
@@ -226,7 +233,8 @@ def _report(target: str, evals, work: Path, permutations: int) -> None:
         p_rand = p_fc = ""
         if name.startswith("moe_jepa_"):
             readout = name.removeprefix("moe_jepa_")
-            rand = f"random_encoder_{readout if readout in READOUTS else 'roi'}"
+            # the same readout (fine-tuning: the random encoder fine-tuned alike); the attentive probe: per-ROI
+            rand = f"random_encoder_{readout}" if f"random_encoder_{readout}" in models else "random_encoder_roi"
             if rand in models:
                 t = _paired(main_table, col(name), main_table, col(rand), positive, permutations)
                 p_rand = f"{t['p_value']:.4f} ({_sign(t['difference'])} vs {rand.removeprefix('random_encoder_')})"

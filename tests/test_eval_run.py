@@ -259,3 +259,18 @@ def test_a_changed_run_gradients_copy_or_an_old_run_without_gradients_is_refused
         evaluate_run(run, no_grads, "diagnosis", cfg=CFG)
     with pytest.raises(InputError, match="pass --shards"):
         evaluate_run(run, None, "diagnosis", cfg=CFG)
+
+
+def test_cli_finetuning_is_compared_with_a_randomly_initialised_encoder_fine_tuned_alike(setup, capsys):
+    cfg = setup["base"] / "finetune_eval.toml"
+    cfg.write_text('[evaluate]\nbaselines = ["random_encoder"]\nattentive_probe = false\ninner_folds = 2\nmax_windows = 1\n'
+                   'readouts = ["mean"]\nfinetune_epochs = 1\n')
+    out = setup["base"] / "cli_finetune"
+    code = main(["evaluate", str(setup["run"]), "--target", "diagnosis", "--split", "kfold", "--config", str(cfg),
+                 "--bootstrap", "20", "--permutations", "10", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert {"moe_jepa_finetune", "random_encoder_finetune"} <= set(res["models"])
+    table = pd.read_csv(out / "predictions.tsv", sep="\t")
+    pre, rnd = (table.filter(like=f"{m}__p_").to_numpy() for m in ("moe_jepa_finetune", "random_encoder_finetune"))
+    assert pre.shape == rnd.shape and not np.allclose(pre, rnd)  # two different starting points

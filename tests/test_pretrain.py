@@ -358,4 +358,4 @@ def test_collapse_warning_names_the_spread():
     collapsed = healthy + [{"step": 30 + i, "target_spread": 0.02} for i in range(20)]
     assert collapse_warning(healthy) is None and collapse_warning([{"step": 1, "loss": 0.1}]) is None
     text = collapse_warning(collapsed)
-    assert text is not None and "collapsed (target_spread 0.020 < 0.1" in text and "var_reg" in text
+    assert text is not None and "collapsed (target_spread 0.020 < 0.1" in text and "var_reg" in text and "ema" in text

@@ -315,11 +315,14 @@ def _readout_name(prefix: str, readout: str) -> str:
 
 
 def build_specs(samples, pretrained, random_emb, y: np.ndarray, task: str, n_classes: int,
-                cfg: EvaluateConfig, finetune: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> list[ModelSpec]:
+                cfg: EvaluateConfig, finetune: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                finetune_random: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> list[ModelSpec]:
     """The model's probes (one per readout, attentive, fine-tuning) and the configured baselines for one store.
 
     ``finetune(train_rows, test_rows)``, when given, is the end-to-end
-    fine-tuning mode (see :func:`pipeline.evaluation.finetune.fit_predict_finetune`).
+    fine-tuning mode (see :func:`pipeline.evaluation.finetune.fit_predict_finetune`);
+    ``finetune_random`` the same recipe from a randomly initialised encoder (the
+    ``random_encoder`` baseline of that mode: what pretraining adds to fine-tuning).
     """
     from pipeline.evaluation import baselines as bl
     from pipeline.evaluation.probes import fit_predict_attentive
@@ -352,6 +355,10 @@ def build_specs(samples, pretrained, random_emb, y: np.ndarray, task: str, n_cla
         specs += [_linear_spec(_readout_name("random_encoder", r), features(random_emb, r), y, subjects, task, n_classes, cfg, True,
                                f"randomly initialised encoder of the same architecture, {_READOUT_WHAT[r]}, same linear probe")
                   for r in readouts]
+        if finetune_random is not None:
+            specs.append(ModelSpec("random_encoder_finetune", finetune_random, True, False,
+                                   f"randomly initialised encoder fine-tuned end to end, same recipe ({cfg.finetune_epochs} "
+                                   "epochs per fold)"))
     if samples.kind == "fmri":
         series_TR = [x.T for x in samples.data]
         if "fc_pearson" in wanted:
@@ -481,15 +488,22 @@ def _evaluate_run(run_dir, shards_dir, target: str, *, split: str, few_shot: int
         random_emb = embed_samples(rnd, samples, gradients_Rk=gradients, max_windows=cfg.max_windows,
                                    batch_size=cfg.batch_size, cache_dir=cache, seed=cfg.seed)
     t_embed = time.perf_counter() - t0
-    finetune = None
+    finetune = finetune_random = None
     if cfg.finetune_epochs > 0 and samples.kind == "fmri":
+        from functools import partial
+
         from pipeline.evaluation.finetune import fit_predict_finetune
 
-        def finetune(train: np.ndarray, test: np.ndarray) -> np.ndarray:
-            return fit_predict_finetune(enc, samples, gradients, y, train, test, task, n_classes=max(len(classes), 2),
+        def _finetune(encoder, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+            return fit_predict_finetune(encoder, samples, gradients, y, train, test, task, n_classes=max(len(classes), 2),
                                         epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
                                         max_windows=cfg.max_windows, seed=cfg.seed)
-    specs = build_specs(samples, pretrained, random_emb, y, task, max(len(classes), 2), cfg, finetune=finetune)
+
+        finetune = partial(_finetune, enc)
+        if random_emb is not None:
+            finetune_random = partial(_finetune, rnd)
+    specs = build_specs(samples, pretrained, random_emb, y, task, max(len(classes), 2), cfg, finetune=finetune,
+                        finetune_random=finetune_random)
     result = evaluate_features(specs, y, subjects, folds, task, n_classes=max(len(classes), 2), cfg=cfg, few_shot=few_shot)
     networks = roi_networks(samples.roi_names, atlas_image) if samples.kind == "fmri" else ["whole volume"]
     routing = [network_routing(c, networks if c.shape[0] == len(networks) else ["whole volume"] * c.shape[0])

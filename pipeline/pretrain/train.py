@@ -375,7 +375,8 @@ def collapse_warning(history: list[dict[str, float]], window: int = 20) -> str |
     if not spreads or (spread := sum(spreads) / len(spreads)) >= COLLAPSE_SPREAD:
         return None
     return (f"the encoder has collapsed (target_spread {spread:.3f} < {COLLAPSE_SPREAD:g}: its tokens are nearly one "
-            "vector, so a low JEPA loss says little); [model] var_reg / cov_reg add anti-collapse terms")
+            "vector, so a low JEPA loss says little); a slower teacher ([train] ema starting closer to 1, e.g. "
+            "0.9995 as the cpu recipe) or [model] var_reg / cov_reg work against it")
 
 
 def _logged_step(line: str) -> float:
