@@ -261,14 +261,15 @@ def _write_shard(job: _ShardJob, read_sample: ReadSample) -> list[dict[str, Any]
             one = (1, *job.cfg.crop_box)
             n = arrays["x"].shape[0]
             layout = {"x": (one, (n, *job.cfg.crop_box)), "mask": (one, (n, *job.cfg.crop_box))}
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes=attrs)
-        for name, values in arrays.items():
-            chunks, shards = layout.get(name, (values.shape, None))
-            arr = group.create_array(
-                name, shape=values.shape, dtype=values.dtype, chunks=chunks, shards=shards,
-                compressors=_compressors(job.cfg, job.kind), fill_value=0,
-            )
-            arr[...] = values
+        with _zarr_io_settled():
+            group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes=attrs)
+            for name, values in arrays.items():
+                chunks, shards = layout.get(name, (values.shape, None))
+                arr = group.create_array(
+                    name, shape=values.shape, dtype=values.dtype, chunks=chunks, shards=shards,
+                    compressors=_compressors(job.cfg, job.kind), fill_value=0,
+                )
+                arr[...] = values
         os.replace(tmp, final)
         crash_point("shards.shard_published")
     except OSError as exc:
@@ -279,17 +280,28 @@ def _write_shard(job: _ShardJob, read_sample: ReadSample) -> list[dict[str, Any]
             "existing shards and index are unchanged"
         ) from exc
     except BaseException:
-        # SIGTERM / Ctrl-C raise in the middle of a zarr call whose writes go on in zarr's IO thread: let them
-        # land first, or they would recreate parts of the temporary folder after it was removed.
-        _wait_for_zarr_io()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for loc, row in zip(locations, job.rows):
         loc.update(sample_id=row["sample_id"], shard=job.shard, fingerprint=row.get("fingerprint", ""))
     return locations
 
+@contextlib.contextmanager
+def _zarr_io_settled() -> Iterator[None]:
+    """On any exception inside, wait for zarr's pending IO before it propagates to the cleanup.
+
+    SIGTERM / Ctrl-C (or a failed write) raise in the middle of a zarr call whose other writes go on in
+    zarr's IO thread; removed before they land, a temporary folder would be recreated in part by them.
+    """
+    try:
+        yield
+    except BaseException:
+        _wait_for_zarr_io()
+        raise
+
 def _wait_for_zarr_io(timeout: float = 60.0) -> None:
-    """Block until the coroutines pending on zarr's IO event loop (if it runs) have finished."""
+    """Block until the coroutines pending on zarr's IO event loop (if it runs) have finished (every
+    thread's: the loop is shared)."""
     import asyncio
 
     from zarr.core import sync as zsync
@@ -410,15 +422,10 @@ def _write_gradients(store_dir: Path, gradients: pd.DataFrame, cfg: ShardsConfig
 
     values = gradients.drop(columns="roi").to_numpy(dtype=np.float32)
     # One rename publishes the new array (pipeline.core.atomic.atomic_dir): a loader never sees it missing.
-    with atomic_dir(store_gradients(store_dir)) as tmp:
-        try:
-            arr = zarr.create_array(str(tmp), shape=values.shape, dtype=values.dtype, chunks=values.shape,
-                                    attributes={"columns": [c for c in gradients.columns if c != "roi"]},
-                                    overwrite=True)
-            arr[...] = values
-        except BaseException:
-            _wait_for_zarr_io()  # before atomic_dir removes the folder (see _write_shard)
-            raise
+    with atomic_dir(store_gradients(store_dir)) as tmp, _zarr_io_settled():
+        arr = zarr.create_array(str(tmp), shape=values.shape, dtype=values.dtype, chunks=values.shape,
+                                attributes={"columns": [c for c in gradients.columns if c != "roi"]}, overwrite=True)
+        arr[...] = values
 
 def _write_norm_stats(store_dir: Path, index: pd.DataFrame) -> None:
     """Per-ROI median and IQR over sampled frames of the training split."""
