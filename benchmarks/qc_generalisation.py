@@ -10,9 +10,10 @@ scan labelled with another contrast; severe only).
 
 Processing per scan follows the anatomical workflow (``workflows.ops.anat``):
 validation/reorientation, N4, affine registration to the 2 mm MNI template of
-its contrast, resampling of the N4 image and the bias field. (a) N4 fits the
-field on a 2 mm copy (the workflow's default is a 3 mm copy, shrink 2; every
-case, clean included, goes through the same chain). (b) The clean scan's
+its contrast, resampling of the N4 image and the bias field. (a) N4 runs with the
+workflow's ``[anat]`` settings (a 3 mm copy, shrink 2; metrics version 8 --
+before it, a 2 mm copy, which left NiChart's 2 mm scans a smaller residual WM
+trend than ``prep`` leaves). (b) The clean scan's
 registration is the workflow's own when ``--prep-dir`` holds it, else the
 workflow's affine with its ``[anat]`` settings (moving image at 2 mm, whole
 head); it is reused for the corrupted copies except the wrong-orientation
@@ -30,7 +31,10 @@ read as a scan of its source's dataset: the classifier's site calibration
 (``[qc] site_calibration_min_group``, :func:`qc.classifier.cohort_shifts`)
 puts it among the other real scans of its source with its labelled modality,
 and applies when that cohort has enough scans (NiChart T1w and FLAIR: 9;
-ds000011 T1w and T2w: 5); the training cases are read the same way. The
+ds000011 T1w and T2w: 5); the training cases are read the same way. This is
+what ``neurocurate`` does by default on the corpus, whose sites it reads from
+each scan's acquisition (:func:`qc.group.acquisition_site`: the groups are
+the sources); ``--no-site`` decides every case with its site unknown. The
 dataset layer's rule (3) needs 10 scans of a site, which no source has, so it
 never fires here. In-sample figures (everything fitted on all sources) are
 printed beside, and so are the LOSO figures at the shipped operating point.
@@ -69,7 +73,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("NEUROCURATE_SHARED_DATA", REPO.parent / "shared" / "data"))
-METRICS_VERSION = "7"  # 6 = 5 + the artifact detectors of qc.metrics.artifact_metrics; 7 = 6 + signal_void
+METRICS_VERSION = "8"  # 6 = 5 + the artifact detectors of qc.metrics.artifact_metrics; 7 = 6 + signal_void;
+# 8 = 7 with N4 at the workflow's settings (was a 2 mm copy)
 
 MILD_SEVERE = ("noise", "dropout", "tissue_loss", "ghost", "bias", "motion", "coverage", "orientation")
 SEVERE_ONLY = ("modality",)
@@ -303,7 +308,7 @@ def prepare_scan(scan: RealScan, work: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     validate_anat_file(str(scan.path), str(folder / "native.nii.gz"))
     n4_correct(str(folder / "native.nii.gz"), str(folder / "n4.nii.gz"), str(folder / "bias.nii.gz"),
-               working_resolution_mm=2.0)
+               **_n4_settings())
     reused = prep_xfm(scan)
     if reused is not None:
         import shutil
@@ -316,6 +321,15 @@ def prepare_scan(scan: RealScan, work: Path) -> Path:
     return folder
 
 
+def _n4_settings() -> dict:
+    """The workflow's N4 settings (``[anat]`` defaults), so that every case is corrected as ``prep`` corrects it."""
+    from pipeline.core.config import AnatConfig
+
+    a = AnatConfig()
+    return {"shrink_factor": a.n4_shrink_factor, "iterations": a.n4_iterations, "convergence": a.n4_convergence,
+            "working_resolution_mm": a.n4_working_resolution_mm}
+
+
 def process_case(case: Case, work: Path) -> dict[str, float]:
     """Corrupt -> N4 -> (re)register -> resample -> metrics; cached per case."""
     from workflows.ops.anat import n4_correct, resample_to_template
@@ -324,13 +338,6 @@ def process_case(case: Case, work: Path) -> dict[str, float]:
     metrics_file = out / f"metrics_v{METRICS_VERSION}.json"
     if metrics_file.is_file():
         return json.loads(metrics_file.read_text())
-    older = [out / f"metrics_v{v}.json" for v in ("6", "5")]
-    older = [f for f in older if f.is_file()]
-    if older and (out / "preproc.nii.gz").is_file():
-        # Versions 6 and 7 only add artifact detectors: same function as the group step, on the cached image.
-        metrics = {**json.loads(older[0].read_text()), **case_artifact_metrics(out / "preproc.nii.gz", case.label)}
-        metrics_file.write_text(json.dumps(metrics))
-        return metrics
     scan_dir = prepare_scan(case.scan, work)
     preproc, bias_mni = out / "preproc.nii.gz", out / "biasfield.nii.gz"
     t_prep = 0.0
@@ -353,7 +360,7 @@ def process_case(case: Case, work: Path) -> dict[str, float]:
             data = inject(data, affine, case.artifact, case.severity, zlib.crc32(case.key.encode()))
             _save(data, affine, out / "native.nii")
             n4, bias = out / "n4.nii", out / "bias.nii"
-            n4_correct(str(out / "native.nii"), str(n4), str(bias), working_resolution_mm=2.0)
+            n4_correct(str(out / "native.nii"), str(n4), str(bias), **_n4_settings())
             (out / "native.nii").unlink()
         elif case.artifact not in ("clean", "modality"):
             # Other artifacts: corrected with the clean scan's N4 field (saves N4 per case; the field
@@ -436,15 +443,6 @@ def case_metrics(preproc: Path, bias: Path, modality: str) -> dict[str, float]:
     return anat_metrics(image, modality, template, _TPL["mask"], _TPL["tissues"], None, field)
 
 
-def case_artifact_metrics(preproc: Path, modality: str) -> dict[str, float]:
-    """Only :func:`qc.metrics.artifact_metrics` of one MNI-space case (what versions 6 and 7 added)."""
-    from qc.metrics import artifact_metrics
-
-    _templates()
-    image = np.asanyarray(nib.load(preproc).dataobj).astype(np.float32)
-    return artifact_metrics(image, _TPL["T1w" if modality == "T1w" else "T2w"], _TPL["mask"] > 0, _TPL["tissues"])
-
-
 def _run_one(args: tuple[Case, Path]) -> tuple[str, dict[str, float]]:
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
     case, work = args
@@ -500,6 +498,10 @@ class Operating:
     threshold: float
 
 
+#: Read each test case as a scan of its source's dataset (the site calibration applies where the source has
+#: enough scans); ``--no-site`` reads every case as a scan of a dataset whose sites are unknown (no calibration),
+#: as ``neurocurate`` does when ``participants.tsv`` has no site column.
+READ_AS_SITE = True
 Z_GRID = (3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0)
 P_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 INNER_FRR = 0.03
@@ -545,8 +547,10 @@ def _fold_scores(train: pd.DataFrame, test: pd.DataFrame) -> dict:
 
     qc = QCConfig()
     reference = build_reference(train[train["severity"] == "clean"], source_column="source")
-    model = classifier.fit(train, reference, site_min_group=qc.site_calibration_min_group, site_cap=qc.reference_z_limit)
-    shift = classifier.cohort_shifts(test, reference, qc.site_calibration_min_group, qc.reference_z_limit)
+    model = classifier.fit(train, reference, site_min_group=qc.site_calibration_min_group, site_cap=qc.reference_z_limit,
+                           style_transplant=qc.classifier_style_transplant)
+    shift = (classifier.cohort_shifts(test, reference, qc.site_calibration_min_group, qc.reference_z_limit)
+             if READ_AS_SITE else None)
     return {"abs": _absolute_fail(test), "maxz": _ref_max_z(test, reference),
             "p": classifier.predict(model, test, reference, shift)}
 
@@ -660,7 +664,7 @@ def evaluate(df: pd.DataFrame) -> None:
         tp = df["t_prep"].astype(float)
         tp = tp[tp > 0]
         if len(tp):
-            print(f"case preparation (corrupt + N4 2 mm + resample), this run: median {tp.median():.1f} s over {len(tp)} cases")
+            print(f"case preparation (corrupt + N4 + resample), this run: median {tp.median():.1f} s over {len(tp)} cases")
 
 
 def time_decisions(df: pd.DataFrame) -> None:
@@ -743,7 +747,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="evaluate the cases already in the cache, computing nothing (a partial run)")
     ap.add_argument("--prep-dir", type=Path, action="append", default=[],
                     help="a 'neurocurate prep' output of the corpus whose registrations are reused (repeatable)")
+    ap.add_argument("--no-site", action="store_true",
+                    help="decide every case as a scan of a dataset without a site column (no site calibration)")
     a = ap.parse_args(argv)
+    global READ_AS_SITE
+    READ_AS_SITE = not a.no_site
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
     PREP_DIRS.extend(a.prep_dir)
     scans = real_scans()

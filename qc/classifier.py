@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -39,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.errors import InputError
-from qc.reference import ANAT_MODALITIES, raw_z_frame, site_shift, z_frame
+from qc.reference import ANAT_MODALITIES, directed_z, raw_z_frame, site_shift, z_frame
 
 __all__ = [
     "FEATURES",
@@ -51,6 +52,7 @@ __all__ = [
     "predict",
     "rating_rows",
     "shipped_training_path",
+    "style_transplants",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,9 +95,69 @@ def features(df: pd.DataFrame, reference: pd.DataFrame, shift: pd.DataFrame | No
 
     ``shift`` (:func:`qc.reference.site_shifts`) measures each row's z from its site's typical scan.
     """
-    z = z_frame(df, reference, FEATURE_METRICS, shift=shift).to_numpy(dtype=float)
-    # Clip: a z of 200 says no more than one of 30, and clipping keeps the trees' splits in the useful range.
-    return np.clip(z, -30.0, 30.0)
+    return _clip(z_frame(df, reference, FEATURE_METRICS, shift=shift))
+
+
+def _clip(z: pd.DataFrame) -> np.ndarray:
+    # A z of 200 says no more than one of 30, and clipping keeps the trees' splits in the useful range.
+    return np.clip(z.to_numpy(dtype=float), -30.0, 30.0)
+
+
+def style_transplants(table: pd.DataFrame, raw: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Every labelled row re-expressed in the style of each other source of its modality.
+
+    A source's *style* is the median raw z (:func:`qc.reference.raw_z_frame`,
+    after any site calibration) of its clean scans of one modality: how that
+    scanner and population sit against the reference when nothing is wrong.
+    A row of source ``s`` is moved by ``style(s') - style(s)`` for every other
+    source ``s'`` with clean scans of the same modality: the same clean scan,
+    or the same artifact at the same severity, as it would measure on the
+    other scanner. Training on these copies teaches the classifier that a
+    scanner's style (several metrics a few scales off at once, as on a 5 mm
+    glioma protocol) is not an artifact, and that an artifact on a good
+    scanner reads smaller than on a poor one -- the cases that a model trained
+    on a handful of sources otherwise learns only from the sources it saw.
+
+    Parameters
+    ----------
+    table : DataFrame
+        Labelled rows with ``source``, ``modality`` and ``severity`` columns.
+    raw : DataFrame
+        Their raw z (same index), one column per metric.
+
+    Returns
+    -------
+    (moved, rows, weight) : tuple
+        ``moved``, the transplanted raw z (a fresh RangeIndex);
+        ``rows``, the position in ``table`` of each moved row's original;
+        ``weight``, ``1 / (number of other sources)``, so that the copies of
+        one row weigh as much as the row.
+    """
+    empty = (pd.DataFrame(columns=raw.columns, dtype=float), np.zeros(0, dtype=int), np.zeros(0))
+    if not {"source", "modality", "severity"} <= set(table.columns) or table.empty:
+        return empty
+    source = table["source"].astype(str).to_numpy()
+    modality = table["modality"].astype(str).to_numpy()
+    clean = (table["severity"] == "clean").to_numpy()
+    values = raw.to_numpy(dtype=float)
+    styles: dict[tuple[str, str], np.ndarray] = {}
+    for key in sorted(set(zip(source[clean], modality[clean], strict=True))):
+        sel = clean & (source == key[0]) & (modality == key[1])
+        with warnings.catch_warnings():  # a metric no clean scan of the source has: no style on it (0)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            styles[key] = np.nan_to_num(np.nanmedian(values[sel], axis=0), nan=0.0)
+    parts, rows, weight = [], [], []
+    for (src, mod), own in styles.items():
+        others = [style for (s2, m2), style in styles.items() if m2 == mod and s2 != src]
+        sel = np.flatnonzero((source == src) & (modality == mod))
+        for style in others:
+            parts.append(values[sel] - own + style)
+            rows.append(sel)
+            weight.append(np.full(len(sel), 1.0 / len(others)))
+    if not parts:
+        return empty
+    moved = pd.DataFrame(np.concatenate(parts), columns=raw.columns)
+    return moved, np.concatenate(rows), np.concatenate(weight)
 
 
 def cohort_shifts(table: pd.DataFrame, reference: pd.DataFrame, min_group: int, cap: float) -> pd.DataFrame:
@@ -136,6 +198,7 @@ def cohort_shifts(table: pd.DataFrame, reference: pd.DataFrame, min_group: int, 
 def fit(
     training: pd.DataFrame, reference: pd.DataFrame, extra: pd.DataFrame | None = None, extra_weight: int = 1,
     extra_shift: pd.DataFrame | None = None, site_min_group: int = 0, site_cap: float = 0.0,
+    style_transplant: bool = True,
 ) -> Any:
     """Fit the classifier on ``training`` (and ``extra`` rated rows, each repeated ``extra_weight`` times).
 
@@ -143,7 +206,9 @@ def fit(
     source's typical scan (:func:`cohort_shifts`, shift at most ``site_cap``), as scans of such sites
     are at prediction. ``extra_shift`` (index of ``extra``) is the site shift the rated rows get at
     prediction (:func:`predict`), so that a rating teaches the model about the features it will be
-    applied to.
+    applied to. With ``style_transplant`` the training rows are also seen in the style of every other
+    source of their modality (:func:`style_transplants`; needs a ``source`` column, else a warning);
+    rated rows are this dataset's own and are not moved.
 
     Returns
     -------
@@ -152,14 +217,27 @@ def fit(
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     train = training[training["modality"].isin(ANAT_MODALITIES)]
-    X = features(train, reference, cohort_shifts(train, reference, site_min_group, site_cap))
+    raw = raw_z_frame(train, reference, FEATURE_METRICS) - cohort_shifts(train, reference, site_min_group, site_cap)
+    modality = train["modality"].astype(str).to_numpy()
+    X = _clip(directed_z(raw, modality, reference))
     y = train["label"].astype(int).to_numpy()
+    w = np.ones(len(y))
+    if style_transplant:
+        if "source" not in train.columns:
+            log.warning("QC classifier: the training table has no 'source' column, so its rows cannot be "
+                        "seen in other scanners' styles (style_transplant); fitting on the rows as they are")
+        moved, rows, weight = style_transplants(train, raw)
+        if len(rows):
+            X = np.concatenate([X, _clip(directed_z(moved, modality[rows], reference))])
+            y = np.concatenate([y, y[rows]])
+            w = np.concatenate([w, weight])
     if extra is not None and not extra.empty:
         extra = extra[extra["modality"].isin(ANAT_MODALITIES)]
         reps = max(int(extra_weight), 1)
         X_extra = features(extra, reference, None if extra_shift is None else extra_shift.loc[extra.index])
         X = np.concatenate([X, np.repeat(X_extra, reps, axis=0)])
         y = np.concatenate([y, np.repeat(extra["label"].astype(int).to_numpy(), reps)])
+        w = np.concatenate([w, np.ones(len(extra) * reps)])
     if np.isnan(X).all():
         raise ValueError(f"the classifier's training rows have none of its features {list(FEATURE_METRICS)}")
     if len(np.unique(y)) < 2:
@@ -168,7 +246,7 @@ def fit(
         max_iter=100, learning_rate=0.1, max_leaf_nodes=15, min_samples_leaf=5, l2_regularization=1.0, random_state=0,
         monotonic_cst=[1] * len(FEATURES),
     )
-    model.fit(X, y)
+    model.fit(X, y, sample_weight=w)
     return model
 
 
@@ -188,22 +266,23 @@ def predict(model: Any, df: pd.DataFrame, reference: pd.DataFrame, shift: pd.Dat
 
 @functools.lru_cache(maxsize=4)
 def _default_model(training_path: str, reference_path: str, stamp: tuple[float, float], site_min_group: int,
-                   site_cap: float) -> Any:
+                   site_cap: float, style_transplant: bool) -> Any:
     from qc.reference import load_reference
 
     return fit(load_training(training_path), load_reference(reference_path or None),
-               site_min_group=site_min_group, site_cap=site_cap)
+               site_min_group=site_min_group, site_cap=site_cap, style_transplant=style_transplant)
 
 
 def default_model(training_path: str = "", reference_path: str = "", site_min_group: int = 0,
-                  site_cap: float = 0.0) -> Any:
+                  site_cap: float = 0.0, style_transplant: bool = True) -> Any:
     """The classifier fitted on a training table without ratings (cached per process and file version)."""
     from qc.reference import shipped_reference_path
 
     training_path = training_path or str(shipped_training_path())
     stamp = tuple(Path(p).stat().st_mtime if Path(p).is_file() else 0.0
                   for p in (training_path, reference_path or shipped_reference_path()))
-    return _default_model(training_path, reference_path, stamp, int(site_min_group), float(site_cap))
+    return _default_model(training_path, reference_path, stamp, int(site_min_group), float(site_cap),
+                          bool(style_transplant))
 
 
 def rating_rows(table: pd.DataFrame, ratings: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:

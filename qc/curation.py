@@ -270,11 +270,13 @@ def _rule_failures(df: pd.DataFrame, qc: QCConfig, metric_names: list[str], rati
         rated = classifier.rating_rows(df, ratings)
         if rated.empty:
             model = classifier.default_model(qc.classifier_training, qc.reference_table,
-                                             qc.site_calibration_min_group, qc.reference_z_limit)
+                                             qc.site_calibration_min_group, qc.reference_z_limit,
+                                             qc.classifier_style_transplant)
         else:
             training = classifier.load_training(qc.classifier_training or None)
             model = classifier.fit(training, reference, rated, qc.rating_weight, extra_shift=shift,
-                                   site_min_group=qc.site_calibration_min_group, site_cap=qc.reference_z_limit)
+                                   site_min_group=qc.site_calibration_min_group, site_cap=qc.reference_z_limit,
+                                   style_transplant=qc.classifier_style_transplant)
         p_artifact = classifier.predict(model, df, reference, shift)
     out = []
     for i, (idx, row) in enumerate(df.iterrows()):

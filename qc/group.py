@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import nibabel as nib
 import numpy as np
@@ -99,7 +100,11 @@ def find_crash_logs(output_dir: Path, subject: str) -> list[tuple[str, str]]:
 
 
 def _sites(output_dir: Path, column: str = "site") -> dict[str, str]:
-    """Site of each subject from column ``column`` of ``OUTPUT_DIR/participants.tsv`` (empty when absent)."""
+    """Site of each subject from column ``column`` of ``OUTPUT_DIR/participants.tsv``.
+
+    Subjects without one (no table, no default column, an empty or ``n/a`` value) are left
+    out: their scans' site is their acquisition (:func:`acquisition_site`).
+    """
     path = OutputLayout(output_dir).participants
     if not path.is_file():
         return {}
@@ -114,14 +119,52 @@ def _sites(output_dir: Path, column: str = "site") -> dict[str, str]:
 
         if column != QCConfig.site_column:  # named by the user: a typo must not switch two layers off silently
             raise InputError(path, f"no column {column!r} ([qc] site_column); columns: {', '.join(df.columns)}")
-        log.warning("%s has no %r column: every scan's site is unknown, so the dataset layer's rule and the "
-                    "classifier's site calibration are off ([qc] site_column names another column)", path, column)
+        log.warning("%s has no %r column: each scan's site is its acquisition (voxel size, data type and, where "
+                    "the BIDS sidecar says, scanner), for the dataset layer and the classifier's site calibration "
+                    "([qc] site_column names another column)", path, column)
         return {}
     return {
         pid.removeprefix("sub-"): site
         for pid, site in zip(df["participant_id"], df[column], strict=True)
         if site and site not in ("n/a", "not recorded")
     }
+
+
+def acquisition_site(scan: Scan, output_dir: Path) -> str:
+    """The acquisition a derivative came from, as a site label; ``"unknown"`` when it cannot be read.
+
+    Scans of one protocol on one scanner share voxel size and stored data type (and,
+    where the raw BIDS sidecar has them, manufacturer, model and field strength), so
+    in a dataset whose ``participants.tsv`` names no site these stand in for it: e.g.
+    ``"2x2x2 mm uint8"`` or ``"1x1x1 mm int16 Philips Ingenia Elition X 3T"``. The raw
+    image is found through the derivative's sidecar (``Sources``) and the source
+    dataset of ``dataset_description.json``; only its header is read.
+    """
+    try:
+        sidecar = json.loads(scan.path.with_name(scan.path.name.removesuffix(".nii.gz") + ".json").read_text())
+        rel = next(src.removeprefix("bids:raw:") for src in sidecar.get("Sources", []) if src.startswith("bids:raw:"))
+        desc = json.loads(OutputLayout(output_dir).dataset_description.read_text())
+        url = next(d["URL"] for d in desc.get("SourceDatasets", []) if str(d.get("URL", "")).startswith("file://"))
+        raw = Path(unquote(urlparse(url).path)) / rel
+        header = nib.load(raw).header
+        zooms = "x".join(f"{float(z):.3g}" for z in header.get_zooms()[:3])
+        parts = [f"{zooms} mm", str(header.get_data_dtype())]
+        raw_sidecar = raw.with_name(raw.name.removesuffix(".nii.gz").removesuffix(".nii") + ".json")
+        if raw_sidecar.is_file():
+            meta = json.loads(raw_sidecar.read_text())
+            parts += [str(meta[k]) for k in ("Manufacturer", "ManufacturersModelName") if meta.get(k)]
+            if meta.get("MagneticFieldStrength"):
+                parts.append(f"{meta['MagneticFieldStrength']:g}T" if isinstance(meta["MagneticFieldStrength"], float | int)
+                             else str(meta["MagneticFieldStrength"]))
+        return " ".join(parts)
+    except (OSError, ValueError, KeyError, StopIteration, TypeError) as exc:
+        log.debug("%s: acquisition unknown (%s)", scan.path, exc)
+        return "unknown"
+
+
+def _scan_site(scan: Scan, output_dir: Path, sites: dict[str, str]) -> str:
+    """Site of one scan: its subject's in the participants table, else its acquisition."""
+    return sites.get(scan.subject) or acquisition_site(scan, output_dir)
 
 
 class _Templates:
@@ -442,7 +485,7 @@ def _subject_table(
         df = table[table["path"].isin(wanted)]
         if set(df["path"]) == wanted:
             return df, []
-    site = _sites(output_dir, cfg.qc.site_column).get(subject, "unknown")
+    sites = _sites(output_dir, cfg.qc.site_column)
     cache = metric_cache(output_dir, cfg, tpl)
     records, errors = [], []
     for scan in scans:
@@ -455,7 +498,7 @@ def _subject_table(
                 errors.append((scan.path.relative_to(output_dir).as_posix(), f"QC metrics failed: {exc}"))
                 continue
             cache.put(key, metrics, scan.path.relative_to(output_dir).as_posix())
-        records.append({**_identity(scan, output_dir, site), **metrics})
+        records.append({**_identity(scan, output_dir, _scan_site(scan, output_dir, sites)), **metrics})
     df = build_table(records, cfg.qc, load_ratings(output_dir)) if records else pd.DataFrame()
     return df, errors
 
@@ -584,7 +627,8 @@ def run_group(output_dir: Path, cfg: Config) -> int:
     keys = [cache.key(scan.modality, scan_inputs(scan, output_dir)) for scan in scans]
     cached = [cache.get(key) for key in keys]
     todo = [i for i, metrics in enumerate(cached) if metrics is None]
-    results = parallel_map(Star(scan_record), [(scans[i], output_dir, cfg, tpl, sites.get(scans[i].subject, "unknown"))
+    site_of = [_scan_site(scan, output_dir, sites) for scan in scans]
+    results = parallel_map(Star(scan_record), [(scans[i], output_dir, cfg, tpl, site_of[i])
                                                for i in todo], workers=cfg.dask.workers,
                            dask=cfg.dask, catch=(InputError, ValueError), progress="qc", unit="scan") if todo else []
     measured = dict(zip(todo, results, strict=True))
@@ -592,7 +636,7 @@ def run_group(output_dir: Path, cfg: Config) -> int:
     for i, scan in enumerate(scans):
         rel = scan.path.relative_to(output_dir).as_posix()
         if cached[i] is not None:
-            records.append({**_identity(scan, output_dir, sites.get(scan.subject, "unknown")), **cached[i]})
+            records.append({**_identity(scan, output_dir, site_of[i]), **cached[i]})
         elif isinstance(measured[i], MapError):
             log.error("QC of %s failed: %s", scan.path, measured[i].message)
             failed.setdefault(scan.subject, []).append(measured[i].message)

@@ -31,6 +31,7 @@ __all__ = [
     "bad_z",
     "build_reference",
     "direction",
+    "directed_z",
     "load_reference",
     "raw_z_frame",
     "shipped_reference_path",
@@ -287,11 +288,20 @@ def z_frame(
     raw = raw_z_frame(df, reference, metrics)
     if shift is not None:
         raw = raw - shift.reindex(index=raw.index, columns=raw.columns).fillna(0.0)
-    out = raw.copy()
     mods = df["modality"].astype(str).to_numpy() if "modality" in df.columns else np.array([""] * len(df))
+    return directed_z(raw, mods, reference)
+
+
+def directed_z(raw: pd.DataFrame, modalities: np.ndarray, reference: pd.DataFrame) -> pd.DataFrame:
+    """Raw robust z (:func:`raw_z_frame`, possibly shifted) signed towards degradation, row by row.
+
+    ``modalities`` gives each row's modality; the direction of each (modality,
+    metric) is the reference row's (two-sided metrics give ``|z|``).
+    """
+    out = raw.copy()
     for r in reference.itertuples(index=False):
         if r.metric not in out.columns:
             continue
-        rows = out.index[mods == str(r.modality)]
+        rows = out.index[modalities == str(r.modality)]
         out.loc[rows, r.metric] = _towards_degradation(raw.loc[rows, r.metric].to_numpy(dtype=float), int(r.direction))
     return out

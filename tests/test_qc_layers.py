@@ -292,3 +292,33 @@ def test_training_cohort_is_the_other_clean_scans_of_the_source_plus_the_row(tmp
     assert shift.iloc[0] == pytest.approx(4.0)  # a0 among a1..a4: z 2,3,4,5,6
     assert shift.iloc[5] == pytest.approx(5.0)  # the copy replaces a0: z 3,4,5,6,30
     assert shift.iloc[6] == 0.0  # source B: one scan
+
+
+def test_style_transplant_moves_each_row_into_every_other_source_style(tmp_path: Path) -> None:
+    ref = reference.load_reference(_planted_reference(tmp_path / "ref.tsv"))
+
+    def row(source: str, severity: str, z: dict[str, float]) -> dict:
+        return {"source": source, "severity": severity, "modality": "T1w", "label": int(severity == "severe"),
+                **_scan(z)}
+
+    table = pd.DataFrame([
+        row("A", "clean", {"wm_trend": 0.0}), row("A", "clean", {"wm_trend": 2.0}),  # style: wm_trend 1
+        row("A", "severe", {"air_signal": 15.0}),
+        row("B", "clean", {"wm_trend": 6.0}),  # style: wm_trend 6
+        row("C", "clean", {"air_signal": 3.0}),  # style: air_signal 3
+        row("D", "severe", {"air_signal": 20.0}),  # no clean scan: no style, never moved
+    ])
+    raw = reference.raw_z_frame(table, ref, classifier.FEATURE_METRICS)
+    moved, rows, weight = classifier.style_transplants(table, raw)
+    assert sorted(rows.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # each row of A, B, C into the 2 other styles
+    assert weight.tolist() == pytest.approx([0.5] * 10)
+    severe_in_b = moved[(rows == 2) & (moved["wm_trend"].to_numpy() > 3)].iloc[0]
+    assert severe_in_b["wm_trend"] == pytest.approx(5.0) and severe_in_b["air_signal"] == pytest.approx(15.0)
+    b_in_c = moved[(rows == 3) & (moved["air_signal"].to_numpy() > 1)].iloc[0]
+    assert b_in_c["air_signal"] == pytest.approx(3.0) and b_in_c["wm_trend"] == pytest.approx(0.0)
+    # Without a source column nothing is moved, and the fit still works (with a warning).
+    bare = table.drop(columns="source")
+    assert len(classifier.style_transplants(bare, raw)[1]) == 0
+    for t in (table, bare):
+        model = classifier.fit(t, ref)
+        assert classifier.predict(model, t, ref).shape == (len(t),)

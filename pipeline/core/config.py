@@ -360,7 +360,9 @@ class QCConfig:
        least ``outlier_min_group`` scans, and a rule (fail above
        ``outlier_k``) for groups of a known site with at least
        ``outlier_rule_min_group`` scans. Sites come from the column
-       ``site_column`` of ``OUTPUT_DIR/participants.tsv``.
+       ``site_column`` of ``OUTPUT_DIR/participants.tsv``; a scan whose
+       subject has none there is grouped by its acquisition (voxel size,
+       data type, scanner: :func:`qc.group.acquisition_site`).
     4. Classifier: monotone gradient boosting on reference z-scores, trained on the
        shipped artifact table (``qc/data/classifier_training.tsv``) plus this
        dataset's reviewer ratings, each rating repeated ``rating_weight``
@@ -373,6 +375,10 @@ class QCConfig:
        reference median, where the site sits towards degradation by at most
        ``reference_z_limit``: a scanner's or population's style is not an
        artifact, a scan worse than its own site is (:func:`qc.reference.site_shifts`).
+       With ``classifier_style_transplant`` the model is also trained on every
+       training row moved into the style of each other source of its modality
+       (:func:`qc.classifier.style_transplants`), so that a new scanner's style
+       is not read as an artifact.
 
     ``mi_bins`` is the joint-histogram size for mutual information.
     """
@@ -385,14 +391,15 @@ class QCConfig:
     reference_table: str = ""
     # Both chosen by leave-one-source-out over the 9 sources of benchmarks/qc_generalisation.py (smallest values
     # whose inner false-reject rate on clean + mild stays <= 0.03); see benchmarks/README.md for what they reach.
-    reference_z_limit: float = 10.0
+    reference_z_limit: float = 8.0
     outlier_k: float = 3.5
     outlier_min_group: int = 5
     outlier_rule_min_group: int = 10
     site_column: str = "site"
     classifier: bool = True
     classifier_training: str = ""
-    classifier_threshold: float = 0.95
+    classifier_threshold: float = 0.9
+    classifier_style_transplant: bool = True
     site_calibration_min_group: int = 5
     rating_weight: int = 20
     mi_bins: int = 64
