@@ -462,9 +462,14 @@ def cached(cases: list[Case], work: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _entity(name: str, key: str) -> str:
+    """Value of BIDS entity ``key`` in a file name stem ("" when absent)."""
+    return next((part.split("-", 1)[1] for part in name.split("_") if part.startswith(f"{key}-")), "")
+
+
 def _row(c: Case, res: dict) -> dict:
     return {"case": c.key, "scan": c.scan.key, "source": c.scan.source, "true_modality": c.scan.modality,
-            "modality": c.label, "artifact": c.artifact, "severity": c.severity,
+            "ce": _entity(c.scan.key, "ce"), "modality": c.label, "artifact": c.artifact, "severity": c.severity,
             "label": int(c.severity == "severe"), **res}
 
 
@@ -543,15 +548,16 @@ def _fold_scores(train: pd.DataFrame, test: pd.DataFrame) -> dict:
     (each case read against its site as the product does, :func:`qc.classifier.cohort_shifts`)."""
     from pipeline.core.config import QCConfig
     from qc import classifier
-    from qc.reference import build_reference
+    from qc.reference import build_reference, contrast_judged
 
     qc = QCConfig()
     reference = build_reference(train[train["severity"] == "clean"], source_column="source")
     model = classifier.fit(train, reference, site_min_group=qc.site_calibration_min_group, site_cap=qc.reference_z_limit,
                            style_transplant=qc.classifier_style_transplant)
-    shift = (classifier.cohort_shifts(test, reference, qc.site_calibration_min_group, qc.reference_z_limit)
+    shift = (classifier.cohort_shifts(contrast_judged(test), reference, qc.site_calibration_min_group, qc.reference_z_limit)
              if READ_AS_SITE else None)
-    return {"abs": _absolute_fail(test), "maxz": _ref_max_z(test, reference),
+    judged = contrast_judged(test)
+    return {"abs": _absolute_fail(test), "maxz": _ref_max_z(judged, reference),
             "p": classifier.predict(model, test, reference, shift)}
 
 
@@ -674,7 +680,7 @@ def time_decisions(df: pd.DataFrame) -> None:
 
     metric_cols = _metric_names(df)
     records = [{"subject": f"s{i}", "modality": r["modality"], "path": f"sub-s{i}/anat/{r['case']}.nii.gz",
-                "site": r["source"], **{m: r[m] for m in metric_cols}} for i, (_, r) in enumerate(df.iterrows())]
+                "site": r["source"], "ce": r.get("ce", ""), **{m: r[m] for m in metric_cols}} for i, (_, r) in enumerate(df.iterrows())]
     t0 = time.perf_counter()
     build_table(records, QCConfig())
     dt = time.perf_counter() - t0
@@ -772,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(bad)} cases failed: " + "; ".join(f"{r.case}: {r.error}" for r in bad.itertuples()))
         df = df.drop(bad.index)
     if a.write_training:
-        cols = ["case", "source", "modality", "artifact", "severity", "label", *_metric_names(df)]
+        cols = ["case", "source", "ce", "modality", "artifact", "severity", "label", *_metric_names(df)]
         target = REPO / "qc" / "data" / "classifier_training.tsv"
         target.parent.mkdir(parents=True, exist_ok=True)
         df[cols].to_csv(target, sep="\t", index=False, float_format="%.6g")

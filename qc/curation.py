@@ -21,6 +21,10 @@ failures and ``qc_reason`` says why in words.
    against its site's typical scan (:func:`qc.reference.site_shifts`), so
    that a whole site's style is not taken for an artifact.
 
+A scan acquired with a contrast agent (BIDS ``ce`` entity, ``ce`` column)
+is judged by layers 2-4 on the contrast-free metrics only
+(:func:`qc.reference.contrast_judged`): no reference describes it.
+
 The final ``include`` column is the reviewer's override when one is set,
 else ``qc_pass``.
 """
@@ -47,6 +51,7 @@ from qc.reference import (
     ANAT_MODALITIES,
     DIRECTION,
     bad_z,
+    contrast_judged,
     direction,
     load_reference,
     site_shifts,
@@ -256,7 +261,8 @@ def apply_overrides(df: pd.DataFrame, ratings: Mapping[str, Mapping[str, str]]) 
 def _rule_failures(df: pd.DataFrame, qc: QCConfig, metric_names: list[str], ratings: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:
     """Evaluate the four layers on every row; returns the decision columns (without overrides)."""
     reference = load_reference(qc.reference_table or None)
-    site_z = site_outliers(df, metric_names, qc.outlier_min_group)
+    judged = contrast_judged(df)  # a contrast-enhanced scan is judged on contrast-free metrics only
+    site_z = site_outliers(judged, metric_names, qc.outlier_min_group)
     group_size = df.groupby(["modality", "site"])["path"].transform("size")
     p_artifact = np.full(len(df), np.nan)
     calibrated = pd.Series(False, index=df.index)
@@ -264,10 +270,10 @@ def _rule_failures(df: pd.DataFrame, qc: QCConfig, metric_names: list[str], rati
         from qc import classifier
 
         site = df["site"].where(df["site"] != "unknown")
-        shift = site_shifts(df, reference, classifier.FEATURE_METRICS, site, qc.site_calibration_min_group,
+        shift = site_shifts(judged, reference, classifier.FEATURE_METRICS, site, qc.site_calibration_min_group,
                             qc.reference_z_limit)
         calibrated = (shift != 0).any(axis=1)
-        rated = classifier.rating_rows(df, ratings)
+        rated = classifier.rating_rows(judged, ratings)
         if rated.empty:
             model = classifier.default_model(qc.classifier_training, qc.reference_table,
                                              qc.site_calibration_min_group, qc.reference_z_limit,
@@ -277,7 +283,7 @@ def _rule_failures(df: pd.DataFrame, qc: QCConfig, metric_names: list[str], rati
             model = classifier.fit(training, reference, rated, qc.rating_weight, extra_shift=shift,
                                    site_min_group=qc.site_calibration_min_group, site_cap=qc.reference_z_limit,
                                    style_transplant=qc.classifier_style_transplant)
-        p_artifact = classifier.predict(model, df, reference, shift)
+        p_artifact = classifier.predict(model, judged, reference, shift)
     out = []
     for i, (idx, row) in enumerate(df.iterrows()):
         modality = str(row["modality"])
@@ -289,7 +295,8 @@ def _rule_failures(df: pd.DataFrame, qc: QCConfig, metric_names: list[str], rati
             failed += abs_failed
             reasons += ["absolute: " + _reason_absolute(f) for f in abs_failed]
         if modality in ANAT_MODALITIES:
-            ref_failed = reference_failures(metrics, modality, reference, qc.reference_z_limit)
+            judged_metrics = {m: judged.at[idx, m] for m in metric_names if pd.notna(judged.at[idx, m])}
+            ref_failed = reference_failures(judged_metrics, modality, reference, qc.reference_z_limit)
             if ref_failed:
                 layers.append("reference")
                 failed += [f"ref:{m} z={z:.1f}>{qc.reference_z_limit:g}" for m, z in ref_failed]
@@ -370,7 +377,7 @@ def build_table(
         df[col] = decisions[col]
     df["qc_pass"] = df["qc_pass"].astype(bool)
     df["p_artifact"] = df["p_artifact"].astype(float)
-    df["outlier_metrics"] = mad_outliers(df, metric_names, qc.outlier_k, qc.outlier_min_group)
+    df["outlier_metrics"] = mad_outliers(contrast_judged(df), metric_names, qc.outlier_k, qc.outlier_min_group)
     df["override"] = ""
     df["override_comment"] = ""
     df["include"] = df["qc_pass"]

@@ -44,7 +44,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _ANAT = ("T1w", "T2w", "FLAIR")
-_ENTITY_COLS = {"ses": "session", "task": "task", "acq": "acq", "run": "run"}
+_ENTITY_COLS = {"ses": "session", "task": "task", "acq": "acq", "ce": "ce", "run": "run"}
 #: Keys of a curation record that are not metrics (see :func:`_identity`).
 _IDENTITY_COLUMNS = frozenset({"subject", "modality", "site", "path", *_ENTITY_COLS.values()})
 

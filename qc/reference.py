@@ -30,6 +30,7 @@ __all__ = [
     "REFERENCE_METRICS",
     "bad_z",
     "build_reference",
+    "contrast_judged",
     "direction",
     "directed_z",
     "load_reference",
@@ -98,6 +99,27 @@ POOLED_METRICS: frozenset[str] = frozenset(
 REFERENCE_COLUMNS = ("modality", "metric", "direction", "median", "scale", "n", "n_sources")
 
 
+def contrast_judged(df: pd.DataFrame) -> pd.DataFrame:
+    """The metrics the reference and the classifier may judge, row by row.
+
+    A scan acquired with a contrast agent (a non-empty BIDS ``ce`` entity, column ``ce``) has no
+    reference of its own: gadolinium brightens vessels, dura and enhancing tissue, so its tissue
+    contrast, template similarity and grey/white overlap differ from the plain scans of its modality
+    that the reference describes, whatever its quality. For such rows every metric outside
+    :data:`POOLED_METRICS` (which do not depend on the contrast) is set to NaN, so that it is measured
+    and reported but not judged. Rows without ``ce`` (or a table without the column) are unchanged.
+    """
+    if "ce" not in df.columns:
+        return df
+    enhanced = df["ce"].fillna("").astype(str).str.len().to_numpy() > 0
+    if not enhanced.any():
+        return df
+    out = df.copy()
+    dependent = [m for m in ANAT_METRICS if m in out.columns and m not in POOLED_METRICS]
+    out.loc[enhanced, dependent] = np.nan
+    return out
+
+
 def direction(modality: str, metric: str) -> int:
     """Direction of degradation of ``metric`` for ``modality`` (see :data:`DIRECTION`)."""
     return _DIRECTION_BY_MODALITY.get((modality, metric), DIRECTION[metric])
@@ -139,6 +161,7 @@ def build_reference(df: pd.DataFrame, source_column: str | None = None) -> pd.Da
     Metrics in :data:`POOLED_METRICS` use the clean scans of every modality
     (the row is still written per modality, so that lookups stay per modality).
     """
+    df = contrast_judged(df)  # a contrast-enhanced scan says nothing about the contrast of plain ones
     rows = []
     for modality in ANAT_MODALITIES:
         own = df[df["modality"] == modality]

@@ -322,3 +322,20 @@ def test_style_transplant_moves_each_row_into_every_other_source_style(tmp_path:
     for t in (table, bare):
         model = classifier.fit(t, ref)
         assert classifier.predict(model, t, ref).shape == (len(t),)
+
+
+def test_a_contrast_enhanced_scan_is_judged_on_contrast_free_metrics_only(qc_cfg: QCConfig) -> None:
+    """Gadolinium moves tissue contrast and template similarity far from plain T1w; that is not an artifact. The
+    contrast-free detectors still judge the scan."""
+    enhanced = _scan({"cjv": 20.0, "correlation": 15.0, "cnr": 9.0})
+    recs = [_rec("plain", enhanced), {**_rec("gd", enhanced), "ce": "gadolinium"},
+            {**_rec("gdbad", _scan({"cjv": 20.0, "air_signal": 25.0})), "ce": "gadolinium"}]
+    by = curation.build_table(recs, qc_cfg).set_index("subject")
+    assert not by.loc["plain", "qc_pass"] and "reference" in by.loc["plain", "qc_layer"]
+    assert by.loc["gd", "qc_pass"], by.loc["gd", "qc_reason"]
+    assert by.loc["gd", "ce"] == "gadolinium" and by.loc["gd", "cjv"] == pytest.approx(enhanced["cjv"])  # reported
+    assert not by.loc["gdbad", "qc_pass"] and "air" in by.loc["gdbad", "qc_reason"]
+    judged = reference.contrast_judged(by.reset_index())
+    assert judged.loc[judged["subject"] == "gd", "cjv"].isna().all()
+    assert judged.loc[judged["subject"] == "gd", "air_signal"].notna().all()
+    assert judged.loc[judged["subject"] == "plain", "cjv"].notna().all()

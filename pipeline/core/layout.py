@@ -68,7 +68,7 @@ EVALUATION_REPORT = "report.html"
 ANAT_STORE = "anat"
 
 #: Curation table: the scan's identity (BIDS entities, modality, site, derivative path relative to OUTPUT_DIR).
-CURATION_ENTITY_COLUMNS: tuple[str, ...] = ("subject", "session", "task", "acq", "run", "modality", "site", "path")
+CURATION_ENTITY_COLUMNS: tuple[str, ...] = ("subject", "session", "task", "acq", "ce", "run", "modality", "site", "path")
 #: Curation table: the decision columns, after the metric columns, in this order.
 #: ``qc_layer``: the curation layers that rejected the scan (absolute, reference, dataset, classifier);
 #: ``qc_reason``: why, in words; ``p_artifact``: the classifier's probability of a severe artifact.

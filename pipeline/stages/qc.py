@@ -139,7 +139,7 @@ def refit_classifier(output_dir: str | Path, cfg: Config):
     records = []
     metric_cols = curation_metric_columns(table.columns)
     for _, row in table.iterrows():
-        rec = {c: row[c] for c in CURATION_ENTITY_COLUMNS}
+        rec = {c: row.get(c, "") for c in CURATION_ENTITY_COLUMNS}  # tables older than a column lack it
         rec.update({m: float(row[m]) for m in metric_cols if pd.notna(row[m])})
         records.append(rec)
     new = build_table(records, cfg.qc, ratings)
