@@ -72,6 +72,7 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from pipeline.core.derivatives import parse_name  # noqa: E402
 SHARED = Path(os.environ.get("NEUROCURATE_SHARED_DATA", REPO.parent / "shared" / "data"))
 METRICS_VERSION = "8"  # 6 = 5 + the artifact detectors of qc.metrics.artifact_metrics; 7 = 6 + signal_void;
 # 8 = 7 with N4 at the workflow's settings (was a 2 mm copy)
@@ -462,14 +463,9 @@ def cached(cases: list[Case], work: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _entity(name: str, key: str) -> str:
-    """Value of BIDS entity ``key`` in a file name stem ("" when absent)."""
-    return next((part.split("-", 1)[1] for part in name.split("_") if part.startswith(f"{key}-")), "")
-
-
 def _row(c: Case, res: dict) -> dict:
     return {"case": c.key, "scan": c.scan.key, "source": c.scan.source, "true_modality": c.scan.modality,
-            "ce": _entity(c.scan.key, "ce"), "modality": c.label, "artifact": c.artifact, "severity": c.severity,
+            "ce": parse_name(c.scan.path)[0].get("ce", ""), "modality": c.label, "artifact": c.artifact, "severity": c.severity,
             "label": int(c.severity == "severe"), **res}
 
 
