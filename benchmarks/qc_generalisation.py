@@ -544,16 +544,15 @@ def _fold_scores(train: pd.DataFrame, test: pd.DataFrame) -> dict:
     (each case read against its site as the product does, :func:`qc.classifier.cohort_shifts`)."""
     from pipeline.core.config import QCConfig
     from qc import classifier
-    from qc.reference import build_reference, contrast_judged
+    from qc.reference import build_reference
 
     qc = QCConfig()
     reference = build_reference(train[train["severity"] == "clean"], source_column="source")
     model = classifier.fit(train, reference, site_min_group=qc.site_calibration_min_group, site_cap=qc.reference_z_limit,
                            style_transplant=qc.classifier_style_transplant)
-    shift = (classifier.cohort_shifts(contrast_judged(test), reference, qc.site_calibration_min_group, qc.reference_z_limit)
+    shift = (classifier.cohort_shifts(test, reference, qc.site_calibration_min_group, qc.reference_z_limit)
              if READ_AS_SITE else None)
-    judged = contrast_judged(test)
-    return {"abs": _absolute_fail(test), "maxz": _ref_max_z(judged, reference),
+    return {"abs": _absolute_fail(test), "maxz": _ref_max_z(test, reference),
             "p": classifier.predict(model, test, reference, shift)}
 
 

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.errors import InputError
-from qc.reference import ANAT_MODALITIES, contrast_judged, directed_z, raw_z_frame, site_shift, z_frame
+from qc.reference import ANAT_MODALITIES, directed_z, raw_z_frame, site_shift, z_frame
 
 __all__ = [
     "FEATURES",
@@ -216,7 +216,7 @@ def fit(
     """
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    train = contrast_judged(training[training["modality"].isin(ANAT_MODALITIES)])
+    train = training[training["modality"].isin(ANAT_MODALITIES)]
     raw = raw_z_frame(train, reference, FEATURE_METRICS) - cohort_shifts(train, reference, site_min_group, site_cap)
     modality = train["modality"].astype(str).to_numpy()
     X = _clip(directed_z(raw, modality, reference))
@@ -232,7 +232,7 @@ def fit(
             y = np.concatenate([y, y[rows]])
             w = np.concatenate([w, weight])
     if extra is not None and not extra.empty:
-        extra = contrast_judged(extra[extra["modality"].isin(ANAT_MODALITIES)])
+        extra = extra[extra["modality"].isin(ANAT_MODALITIES)]
         reps = max(int(extra_weight), 1)
         X_extra = features(extra, reference, None if extra_shift is None else extra_shift.loc[extra.index])
         X = np.concatenate([X, np.repeat(X_extra, reps, axis=0)])
@@ -253,7 +253,7 @@ def fit(
 def predict(model: Any, df: pd.DataFrame, reference: pd.DataFrame, shift: pd.DataFrame | None = None) -> np.ndarray:
     """P(severe artifact) per row; NaN for rows that are not anatomical.
 
-    Contrast-enhanced rows are read on their contrast-free features only (:func:`qc.reference.contrast_judged`).
+    Contrast-enhanced rows are read on their contrast-free features only (:func:`qc.reference.raw_z_frame`).
 
     ``shift`` (same index as ``df``; :func:`qc.reference.site_shifts`) measures the features of rows
     from a site with enough scans from that site's typical scan instead of the reference median.
@@ -261,7 +261,7 @@ def predict(model: Any, df: pd.DataFrame, reference: pd.DataFrame, shift: pd.Dat
     out = np.full(len(df), np.nan)
     anat = df["modality"].isin(ANAT_MODALITIES).to_numpy()
     if anat.any():
-        sub = contrast_judged(df[anat])
+        sub = df[anat]
         out[anat] = model.predict_proba(features(sub, reference, None if shift is None else shift.loc[sub.index]))[:, 1]
     return out
 

@@ -258,10 +258,15 @@ def apply_overrides(df: pd.DataFrame, ratings: Mapping[str, Mapping[str, str]]) 
     return df
 
 
-def _rule_failures(df: pd.DataFrame, qc: QCConfig, metric_names: list[str], ratings: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:
-    """Evaluate the four layers on every row; returns the decision columns (without overrides)."""
+def _rule_failures(df: pd.DataFrame, judged: pd.DataFrame, qc: QCConfig, metric_names: list[str],
+                   ratings: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:
+    """Evaluate the four layers on every row; returns the decision columns (without overrides).
+
+    ``judged`` is ``df`` with the metrics no layer may judge blanked (:func:`qc.reference.contrast_judged`):
+    the z-scores of layers 2-4 see to that themselves (:func:`qc.reference.raw_z_frame`), the dataset layer and
+    the reference rule read metric values, so they read these.
+    """
     reference = load_reference(qc.reference_table or None)
-    judged = contrast_judged(df)  # a contrast-enhanced scan is judged on contrast-free metrics only
     site_z = site_outliers(judged, metric_names, qc.outlier_min_group)
     group_size = df.groupby(["modality", "site"])["path"].transform("size")
     p_artifact = np.full(len(df), np.nan)
@@ -270,10 +275,10 @@ def _rule_failures(df: pd.DataFrame, qc: QCConfig, metric_names: list[str], rati
         from qc import classifier
 
         site = df["site"].where(df["site"] != "unknown")
-        shift = site_shifts(judged, reference, classifier.FEATURE_METRICS, site, qc.site_calibration_min_group,
+        shift = site_shifts(df, reference, classifier.FEATURE_METRICS, site, qc.site_calibration_min_group,
                             qc.reference_z_limit)
         calibrated = (shift != 0).any(axis=1)
-        rated = classifier.rating_rows(judged, ratings)
+        rated = classifier.rating_rows(df, ratings)
         if rated.empty:
             model = classifier.default_model(qc.classifier_training, qc.reference_table,
                                              qc.site_calibration_min_group, qc.reference_z_limit,
@@ -283,7 +288,7 @@ def _rule_failures(df: pd.DataFrame, qc: QCConfig, metric_names: list[str], rati
             model = classifier.fit(training, reference, rated, qc.rating_weight, extra_shift=shift,
                                    site_min_group=qc.site_calibration_min_group, site_cap=qc.reference_z_limit,
                                    style_transplant=qc.classifier_style_transplant)
-        p_artifact = classifier.predict(model, judged, reference, shift)
+        p_artifact = classifier.predict(model, df, reference, shift)
     out = []
     for i, (idx, row) in enumerate(df.iterrows()):
         modality = str(row["modality"])
@@ -371,13 +376,14 @@ def build_table(
         df[m] = df[m].astype(float)
     df = df.sort_values(["subject", "session", "modality", "task", "acq", "run", "path"], kind="stable").reset_index(drop=True)
     ratings = ratings or {}
-    decisions = _rule_failures(df, qc, metric_names, ratings) if len(df) else pd.DataFrame(
+    judged = contrast_judged(df)  # a contrast-enhanced scan is judged on contrast-free metrics only
+    decisions = _rule_failures(df, judged, qc, metric_names, ratings) if len(df) else pd.DataFrame(
         columns=["qc_pass", "qc_layer", "failed_rules", "qc_reason", "p_artifact"])
     for col in decisions.columns:
         df[col] = decisions[col]
     df["qc_pass"] = df["qc_pass"].astype(bool)
     df["p_artifact"] = df["p_artifact"].astype(float)
-    df["outlier_metrics"] = mad_outliers(contrast_judged(df), metric_names, qc.outlier_k, qc.outlier_min_group)
+    df["outlier_metrics"] = mad_outliers(judged, metric_names, qc.outlier_k, qc.outlier_min_group)
     df["override"] = ""
     df["override_comment"] = ""
     df["include"] = df["qc_pass"]

@@ -13,14 +13,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from pipeline.core.config import Config, write_resolved_config
-from pipeline.core.derivatives import SPACE, anat_outputs, func_outputs, parse_name
+from pipeline.core.derivatives import SPACE, anat_outputs, func_outputs, parse_name, source_dataset
 from pipeline.core.errors import EXIT_OK, EXIT_PARTIAL, InputError, NeurocurateError
 from pipeline.core.faults import crash_point
 from pipeline.core.layout import CURATION_NON_METRIC_COLUMNS, OutputLayout
@@ -130,22 +129,22 @@ def _sites(output_dir: Path, column: str = "site") -> dict[str, str]:
     }
 
 
-def acquisition_site(scan: Scan, output_dir: Path) -> str:
+def acquisition_site(scan: Scan, raw_root: Path | None) -> str:
     """The acquisition a derivative came from, as a site label; ``"unknown"`` when it cannot be read.
 
     Scans of one protocol on one scanner share voxel size and stored data type (and,
     where the raw BIDS sidecar has them, manufacturer, model and field strength), so
     in a dataset whose ``participants.tsv`` names no site these stand in for it: e.g.
     ``"2x2x2 mm uint8"`` or ``"1x1x1 mm int16 Philips Ingenia Elition X 3T"``. The raw
-    image is found through the derivative's sidecar (``Sources``) and the source
-    dataset of ``dataset_description.json``; only its header is read.
+    image is found through the derivative's sidecar (``Sources``) under ``raw_root``
+    (:func:`pipeline.core.derivatives.source_dataset`); only its header is read.
     """
+    if raw_root is None:
+        return "unknown"
     try:
         sidecar = json.loads(scan.path.with_name(scan.path.name.removesuffix(".nii.gz") + ".json").read_text())
         rel = next(src.removeprefix("bids:raw:") for src in sidecar.get("Sources", []) if src.startswith("bids:raw:"))
-        desc = json.loads(OutputLayout(output_dir).dataset_description.read_text())
-        url = next(d["URL"] for d in desc.get("SourceDatasets", []) if str(d.get("URL", "")).startswith("file://"))
-        raw = Path(unquote(urlparse(url).path)) / rel
+        raw = raw_root / rel
         header = nib.load(raw).header
         zooms = "x".join(f"{float(z):.3g}" for z in header.get_zooms()[:3])
         parts = [f"{zooms} mm", str(header.get_data_dtype())]
@@ -162,9 +161,9 @@ def acquisition_site(scan: Scan, output_dir: Path) -> str:
         return "unknown"
 
 
-def _scan_site(scan: Scan, output_dir: Path, sites: dict[str, str]) -> str:
+def _scan_site(scan: Scan, sites: dict[str, str], raw_root: Path | None) -> str:
     """Site of one scan: its subject's in the participants table, else its acquisition."""
-    return sites.get(scan.subject) or acquisition_site(scan, output_dir)
+    return sites.get(scan.subject) or acquisition_site(scan, raw_root)
 
 
 class _Templates:
@@ -485,7 +484,7 @@ def _subject_table(
         df = table[table["path"].isin(wanted)]
         if set(df["path"]) == wanted:
             return df, []
-    sites = _sites(output_dir, cfg.qc.site_column)
+    sites, raw_root = _sites(output_dir, cfg.qc.site_column), source_dataset(output_dir)
     cache = metric_cache(output_dir, cfg, tpl)
     records, errors = [], []
     for scan in scans:
@@ -498,7 +497,7 @@ def _subject_table(
                 errors.append((scan.path.relative_to(output_dir).as_posix(), f"QC metrics failed: {exc}"))
                 continue
             cache.put(key, metrics, scan.path.relative_to(output_dir).as_posix())
-        records.append({**_identity(scan, output_dir, _scan_site(scan, output_dir, sites)), **metrics})
+        records.append({**_identity(scan, output_dir, _scan_site(scan, sites, raw_root)), **metrics})
     df = build_table(records, cfg.qc, load_ratings(output_dir)) if records else pd.DataFrame()
     return df, errors
 
@@ -627,7 +626,8 @@ def run_group(output_dir: Path, cfg: Config) -> int:
     keys = [cache.key(scan.modality, scan_inputs(scan, output_dir)) for scan in scans]
     cached = [cache.get(key) for key in keys]
     todo = [i for i, metrics in enumerate(cached) if metrics is None]
-    site_of = [_scan_site(scan, output_dir, sites) for scan in scans]
+    raw_root = source_dataset(output_dir)
+    site_of = [_scan_site(scan, sites, raw_root) for scan in scans]
     results = parallel_map(Star(scan_record), [(scans[i], output_dir, cfg, tpl, site_of[i])
                                                for i in todo], workers=cfg.dask.workers,
                            dask=cfg.dask, catch=(InputError, ValueError), progress="qc", unit="scan") if todo else []

@@ -246,8 +246,11 @@ def bad_z(metrics: Mapping[str, float], modality: str, reference: pd.DataFrame) 
 def raw_z_frame(df: pd.DataFrame, reference: pd.DataFrame, metrics: Iterable[str] = REFERENCE_METRICS) -> pd.DataFrame:
     """``(value - median) / scale`` of every row against its modality's reference, unsigned by direction.
 
-    One column per metric; NaN where the metric or its reference row is missing.
+    One column per metric; NaN where the metric or its reference row is missing, and where the
+    reference does not describe the row (a contrast-enhanced scan's contrast-dependent metrics,
+    :func:`contrast_judged`). Every z of the reference, dataset-site and classifier layers comes from here.
     """
+    df = contrast_judged(df)
     metrics = list(metrics)
     out = pd.DataFrame(np.nan, index=df.index, columns=metrics, dtype=float)
     mods = df["modality"].astype(str).to_numpy() if "modality" in df.columns else np.array([""] * len(df))

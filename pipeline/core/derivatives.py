@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from pipeline import __version__
 from pipeline.core.atomic import atomic_write_text
@@ -24,6 +25,7 @@ __all__ = [
     "build_name",
     "func_outputs",
     "parse_name",
+    "source_dataset",
     "write_dataset_description",
 ]
 
@@ -183,3 +185,14 @@ def write_dataset_description(output_dir: str | Path, source_dir: str | Path | N
     if not path.exists() or path.read_text() != text:
         atomic_write_text(path, text)
     return path
+
+
+def source_dataset(output_dir: str | Path) -> Path | None:
+    """The local raw BIDS dataset named by :func:`write_dataset_description` (``SourceDatasets``);
+    None when the description names none or cannot be read."""
+    try:
+        desc = json.loads((Path(output_dir) / "dataset_description.json").read_text())
+        url = next(d["URL"] for d in desc.get("SourceDatasets", []) if str(d.get("URL", "")).startswith("file://"))
+    except (OSError, ValueError, KeyError, StopIteration, TypeError, AttributeError):
+        return None
+    return Path(unquote(urlparse(url).path))
