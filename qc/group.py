@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.config import Config, write_resolved_config
-from pipeline.core.derivatives import SPACE, anat_outputs, func_outputs, parse_name, source_dataset
+from pipeline.core.derivatives import SPACE, anat_outputs, func_outputs, parse_name, raw_source, source_dataset
 from pipeline.core.errors import EXIT_OK, EXIT_PARTIAL, InputError, NeurocurateError
 from pipeline.core.faults import crash_point
 from pipeline.core.layout import CURATION_NON_METRIC_COLUMNS, OutputLayout
@@ -143,7 +143,9 @@ def acquisition_site(scan: Scan, raw_root: Path | None) -> str:
         return "unknown"
     try:
         sidecar = json.loads(scan.path.with_name(scan.path.name.removesuffix(".nii.gz") + ".json").read_text())
-        rel = next(src.removeprefix("bids:raw:") for src in sidecar.get("Sources", []) if src.startswith("bids:raw:"))
+        rel = raw_source(sidecar)
+        if rel is None:
+            return "unknown"
         raw = raw_root / rel
         header = nib.load(raw).header
         zooms = "x".join(f"{float(z):.3g}" for z in header.get_zooms()[:3])
@@ -156,7 +158,7 @@ def acquisition_site(scan: Scan, raw_root: Path | None) -> str:
                 parts.append(f"{meta['MagneticFieldStrength']:g}T" if isinstance(meta["MagneticFieldStrength"], float | int)
                              else str(meta["MagneticFieldStrength"]))
         return " ".join(parts)
-    except (OSError, ValueError, KeyError, StopIteration, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.debug("%s: acquisition unknown (%s)", scan.path, exc)
         return "unknown"
 

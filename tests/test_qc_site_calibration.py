@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.core.derivatives import anat_outputs
+from pipeline.core.derivatives import anat_outputs, raw_source, raw_source_uri
 from pipeline.core.layout import OutputLayout
 from pipeline.core.templates import get_template
 
@@ -124,7 +124,7 @@ def acquisition_output(tmp_path_factory: pytest.TempPathFactory, site_output: Pa
         src.parent.mkdir(parents=True)
         nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.diag([2.0, 2.0, 2.0, 1.0])), src)
         o = anat_outputs(out, {"sub": f"{i:02d}"}, "T1w", 2)
-        o.sidecar.write_text(json.dumps({"Sources": [f"bids:raw:sub-{i:02d}/anat/sub-{i:02d}_T1w.nii.gz"]}))
+        o.sidecar.write_text(json.dumps({"Sources": [raw_source_uri(src.relative_to(raw))]}))
     return out
 
 
@@ -141,3 +141,12 @@ def test_without_a_site_column_the_acquisition_is_the_site(acquisition_output: P
     table = _qc(acquisition_output, tmp_path, "[qc]\nclassifier_threshold = 0.5\n", capsys)
     assert set(table["site"]) == {"unknown"}
     assert not table.loc[style, "qc_pass"].any()
+
+
+def test_raw_source_round_trip() -> None:
+    uri = raw_source_uri(Path("sub-01") / "anat" / "sub-01_T1w.nii.gz")
+    assert uri == "bids:raw:sub-01/anat/sub-01_T1w.nii.gz"
+    assert raw_source({"Sources": ["doi:x", uri]}) == "sub-01/anat/sub-01_T1w.nii.gz"
+    assert raw_source({"Sources": ["doi:x"]}) is None
+    assert raw_source({"Sources": "bids:raw:x"}) is None  # not a list: not a BIDS Sources field
+    assert raw_source({}) is None

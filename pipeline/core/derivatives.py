@@ -25,6 +25,8 @@ __all__ = [
     "build_name",
     "func_outputs",
     "parse_name",
+    "raw_source",
+    "raw_source_uri",
     "source_dataset",
     "write_dataset_description",
 ]
@@ -185,6 +187,25 @@ def write_dataset_description(output_dir: str | Path, source_dir: str | Path | N
     if not path.exists() or path.read_text() != text:
         atomic_write_text(path, text)
     return path
+
+
+#: BIDS URI scheme of a derivative's raw input in its sidecar's ``Sources`` (relative to the source dataset).
+_RAW_SOURCE_PREFIX = "bids:raw:"
+
+
+def raw_source_uri(relative_path: str | Path) -> str:
+    """The ``Sources`` entry naming a raw file by its path inside the source dataset."""
+    return f"{_RAW_SOURCE_PREFIX}{Path(relative_path).as_posix()}"
+
+
+def raw_source(sidecar: Mapping[str, object]) -> str | None:
+    """The raw file a derivative sidecar names (:func:`raw_source_uri`), relative to its source dataset;
+    None when it names none."""
+    sources = sidecar.get("Sources", [])
+    if not isinstance(sources, list):
+        return None
+    return next((s.removeprefix(_RAW_SOURCE_PREFIX) for s in sources
+                 if isinstance(s, str) and s.startswith(_RAW_SOURCE_PREFIX)), None)
 
 
 def source_dataset(output_dir: str | Path) -> Path | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
-from pipeline.core.derivatives import SPACE, anat_outputs
+from pipeline.core.derivatives import SPACE, anat_outputs, raw_source_uri
 from pipeline.core.provenance import SIDECAR_DISTRIBUTIONS, software_versions
 from workflows.ops.sink import publish_file, publish_json
 
@@ -48,7 +48,7 @@ class WriteAnatDerivatives(SimpleInterface):
         fixes = json.loads(Path(i.fixes_file).read_text())
         source = Path(i.source_file)
         sidecar = {
-            "Sources": [f"bids:raw:{_relative_to_dataset(source)}"],
+            "Sources": [raw_source_uri(_relative_to_dataset(source))],
             "SpatialReference": {"Space": SPACE, "Resolution": i.resolution, "Template": Path(i.template).name},
             "SkullStripped": False,
             "SkullStripMethod": i.skull_strip,
