@@ -49,7 +49,7 @@ from workflows.ops import anat as ops  # noqa: E402
 
 FAST = AnatConfig()
 OLD = AnatConfig(n4_working_resolution_mm=0.0, n4_shrink_factor=4, n4_iterations=(50, 50, 50, 50),
-                 registration_moving_resolution_mm=0.0)
+                 registration_moving_resolution_mm=0.0, registration_init_arc_deg=0.0)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("NEUROCURATE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -160,10 +160,7 @@ def chain(in_file: str, work: Path, template: str = T1_BRAIN, strip: str = "deep
     ops.n4_correct(ras, n4, bias, shrink_factor=a.n4_shrink_factor, iterations=a.n4_iterations,
                    convergence=a.n4_convergence, working_resolution_mm=a.n4_working_resolution_mm)
     lap("n4")
-    reg = dict(metric=a.registration_metric, iterations=a.registration_iterations,
-               shrink_factors=a.registration_shrink_factors, smoothing_sigmas=a.registration_smoothing_sigmas,
-               sampling_rate=a.registration_sampling_rate, moving_resolution_mm=a.registration_moving_resolution_mm,
-               seed=a.registration_seed)
+    reg = a.affine_kwargs()
     if strip == "deepbet":
         ops.deepbet_mask(n4, mask, threshold=a.deepbet_threshold, model_shape=a.deepbet_shape)
         lap("strip")
@@ -229,10 +226,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def _register_rate(res: dict, rate: float, out: str, settings: AnatConfig) -> tuple[np.ndarray, float]:
     a = settings
     t0 = time.perf_counter()
-    ops.register_affine(res["n4"], T1_BRAIN, out, moving_mask=res["mask"], metric=a.registration_metric,
-                        iterations=a.registration_iterations, shrink_factors=a.registration_shrink_factors,
-                        smoothing_sigmas=a.registration_smoothing_sigmas, sampling_rate=rate,
-                        moving_resolution_mm=a.registration_moving_resolution_mm, seed=a.registration_seed)
+    ops.register_affine(res["n4"], T1_BRAIN, out, moving_mask=res["mask"], **{**a.affine_kwargs(), "sampling_rate": rate})
     return affine_matrix(out), time.perf_counter() - t0
 
 

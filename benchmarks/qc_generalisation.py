@@ -15,8 +15,8 @@ workflow's ``[anat]`` settings (a 3 mm copy, shrink 2; metrics version 8 --
 before it, a 2 mm copy, which left NiChart's 2 mm scans a smaller residual WM
 trend than ``prep`` leaves). (b) The clean scan's
 registration is the workflow's own when ``--prep-dir`` holds it, else the
-workflow's affine with its ``[anat]`` settings (moving image at 2 mm, whole
-head); it is reused for the corrupted copies except the wrong-orientation
+workflow's affine with its ``[anat]`` settings (rotation search, moving image
+at 2 mm, whole head); it is reused for the corrupted copies except the wrong-orientation
 ones, which are registered afresh the same way. (c) The brain mask is the
 template's (the workflow's ``--skull-strip template`` path). Metrics are computed by the
 same function as the group step (:func:`qc.group.anat_metrics`).
@@ -74,8 +74,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from pipeline.core.derivatives import parse_name  # noqa: E402
 SHARED = Path(os.environ.get("NEUROCURATE_SHARED_DATA", REPO.parent / "shared" / "data"))
-METRICS_VERSION = "8"  # 6 = 5 + the artifact detectors of qc.metrics.artifact_metrics; 7 = 6 + signal_void;
-# 8 = 7 with N4 at the workflow's settings (was a 2 mm copy)
+METRICS_VERSION = "9"  # 6 = 5 + the artifact detectors of qc.metrics.artifact_metrics; 7 = 6 + signal_void;
+# 8 = 7 with N4 at the workflow's settings (was a 2 mm copy); 9 = 8 with the affine's rotation search
+# (``[anat] registration_init_arc_deg``; was the centre-of-mass start)
 
 MILD_SEVERE = ("noise", "dropout", "tissue_loss", "ghost", "bias", "motion", "coverage", "orientation")
 SEVERE_ONLY = ("modality",)
@@ -254,14 +255,12 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def _register(moving: Path, modality: str, out_xfm: Path) -> None:
-    """The workflow's affine registration with its ``[anat]`` settings (moving image at 2 mm, sampling rate),
-    whole head as on its ``--skull-strip template`` path."""
+    """The workflow's affine registration with its ``[anat]`` settings (rotation search, moving image at
+    2 mm, sampling rate), whole head as on its ``--skull-strip template`` path."""
     from pipeline.core.config import AnatConfig
     from workflows.ops.anat import register_affine
 
-    a = AnatConfig()
-    register_affine(str(moving), _template(modality), str(out_xfm), sampling_rate=a.registration_sampling_rate,
-                    moving_resolution_mm=a.registration_moving_resolution_mm)
+    register_affine(str(moving), _template(modality), str(out_xfm), **AnatConfig().affine_kwargs())
 
 
 def _template(modality: str) -> str:

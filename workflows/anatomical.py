@@ -100,17 +100,7 @@ def init_anat_preproc_wf(
         n_procs=threads,
     )
     register = pe.Node(
-        RegisterAffine(
-            template=reg_template,
-            metric=a.registration_metric,
-            iterations=list(a.registration_iterations),
-            shrink_factors=list(a.registration_shrink_factors),
-            smoothing_sigmas=[float(s) for s in a.registration_smoothing_sigmas],
-            sampling_rate=a.registration_sampling_rate,
-            moving_resolution_mm=a.registration_moving_resolution_mm,
-            seed=a.registration_seed,
-            num_threads=threads,
-        ),
+        RegisterAffine(template=reg_template, **a.affine_kwargs(), num_threads=threads),
         name="register",
         n_procs=threads,
     )

@@ -122,6 +122,8 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     smoothing_sigmas = traits.List(traits.Float, mandatory=True)
     sampling_rate = traits.Float(0.2, usedefault=True)
     moving_resolution_mm = traits.Float(0.0, usedefault=True)
+    init_arc_deg = traits.Float(27.0, usedefault=True, desc="rotation search half-arc (0 = centres of mass)")
+    init_step_deg = traits.Float(15.0, usedefault=True)
     seed = traits.Int(13, usedefault=True)
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads (not hashed)")
 
@@ -151,6 +153,8 @@ class RegisterAffine(SimpleInterface):
             smoothing_sigmas=self.inputs.smoothing_sigmas,
             sampling_rate=self.inputs.sampling_rate,
             moving_resolution_mm=self.inputs.moving_resolution_mm,
+            init_arc_deg=self.inputs.init_arc_deg,
+            init_step_deg=self.inputs.init_step_deg,
             seed=self.inputs.seed,
         )
         self._results["xfm"] = xfm

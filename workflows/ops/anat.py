@@ -14,8 +14,10 @@ Esteban et al. (2019), fMRIPrep (the header validation rules mirror its ``Valida
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -235,12 +237,20 @@ def _moving_image(moving_file: str, moving_mask: str | None, resolution_mm: floa
     if moving_mask:
         moving = moving * ants.image_read(moving_mask)
     if resolution_mm and min(moving.spacing) < resolution_mm:
-        spacing = tuple(max(s, resolution_mm) for s in moving.spacing)
-        # Block average first (a Gaussian of about half the new spacing), so the coarse copy does not alias.
-        sigma = [0.5 * max(0.0, n - s) for n, s in zip(spacing, moving.spacing)]
-        moving = ants.resample_image(ants.smooth_image(moving, sigma, sigma_in_physical_coordinates=True),
-                                     spacing, use_voxels=False, interp_type=0)
+        moving = _coarse_copy(moving, resolution_mm)
     return moving
+
+
+def _coarse_copy(image, resolution_mm: float):
+    """``image`` on a grid no finer than ``resolution_mm`` along any axis (coarser axes are kept).
+
+    Block average first (a Gaussian of about half the new spacing), so the coarse copy does not alias.
+    """
+    ants = _ants()
+    spacing = tuple(max(s, resolution_mm) for s in image.spacing)
+    sigma = [0.5 * max(0.0, n - s) for n, s in zip(spacing, image.spacing)]
+    return ants.resample_image(ants.smooth_image(image, sigma, sigma_in_physical_coordinates=True),
+                               spacing, use_voxels=False, interp_type=0)
 
 
 def register_affine(
@@ -255,18 +265,25 @@ def register_affine(
     smoothing_sigmas: Sequence[float] = (3.0, 2.0, 1.0, 0.0),
     sampling_rate: float = 0.2,
     moving_resolution_mm: float = 0.0,
+    init_arc_deg: float = 27.0,
+    init_step_deg: float = 15.0,
     seed: int = 13,
 ) -> str:
     """12-dof affine registration of ``moving_file`` to ``template_file``.
 
     One affine stage with a mutual-information metric (Mattes) by default,
-    coarse to fine, initialised by aligning centres of mass (ANTs'
-    default initial transform), so scanner-centred origins far from MNI are
-    handled. ``moving_mask`` restricts the metric to the subject's brain
-    when a skull strip came first. The metric is evaluated on a random
-    ``sampling_rate`` share of the template's voxels; ``moving_resolution_mm``
-    > 0 registers a smoothed copy of the moving image on that grid (the
-    template is 2 mm: a 1 mm moving image adds cost, not accuracy).
+    coarse to fine, started from the alignment of the centres of mass (ANTs'
+    default), so scanner-centred origins far from MNI are handled. With
+    ``init_arc_deg`` > 0 it is also started from the best of a grid of
+    rotations (:func:`_search_initial_rotation`), and of the two results the
+    one with the higher mutual information with the template is kept: either
+    start alone falls into a wrong minimum on some tilted heads (issue 16,
+    ``benchmarks/registration_tilt.py``). ``moving_mask`` restricts the
+    metric to the subject's brain when a skull strip came first. The metric
+    is evaluated on a random ``sampling_rate`` share of the template's
+    voxels; ``moving_resolution_mm`` > 0 registers a smoothed copy of the
+    moving image on that grid (the template is 2 mm: a 1 mm moving image adds
+    cost, not accuracy).
 
     Returns
     -------
@@ -278,21 +295,99 @@ def register_affine(
     ants = _ants()
     fixed = ants.image_read(template_file)
     moving = _moving_image(moving_file, moving_mask, moving_resolution_mm)
+    starts: list[str | None] = [None]  # None: ANTs' centre-of-mass start
+    if init_arc_deg > 0:
+        starts.append(str(Path(out_xfm).with_name(Path(out_xfm).stem + "_init.mat")))
+    best: tuple[float, dict] | None = None
     with ants_seed(seed):
-        result = ants.registration(
-            fixed=fixed,
-            moving=moving,
-            type_of_transform="Affine",
-            aff_metric=metric,
-            aff_iterations=tuple(iterations),
-            aff_shrink_factors=tuple(shrink_factors),
-            aff_smoothing_sigmas=tuple(smoothing_sigmas),
-            aff_random_sampling_rate=float(sampling_rate),
-        )
-    shutil.copyfile(result["fwdtransforms"][0], out_xfm)
-    for p in {*result["fwdtransforms"], *result["invtransforms"]}:
-        Path(p).unlink(missing_ok=True)
+        if len(starts) > 1:
+            _search_initial_rotation(fixed, moving, starts[1], arc_deg=init_arc_deg, step_deg=init_step_deg)
+        for start in starts:
+            result = ants.registration(
+                fixed=fixed,
+                moving=moving,
+                type_of_transform="Affine",
+                initial_transform=start,
+                aff_metric=metric,
+                aff_iterations=tuple(iterations),
+                aff_shrink_factors=tuple(shrink_factors),
+                aff_smoothing_sigmas=tuple(smoothing_sigmas),
+                aff_random_sampling_rate=float(sampling_rate),
+            )
+            # ANTs' Mattes MI is negative: lower is a better match to the template.
+            score = float(ants.image_mutual_information(fixed, result["warpedmovout"]))
+            if best is None or score < best[0]:
+                if best is not None:
+                    _remove_transforms(best[1])
+                best = (score, result)
+            else:
+                _remove_transforms(result)
+    if best is None:  # unreachable: the centre-of-mass start always runs
+        raise RuntimeError(f"{moving_file}: no affine registration ran")
+    shutil.copyfile(best[1]["fwdtransforms"][0], out_xfm)
+    _remove_transforms(best[1], keep=out_xfm)
+    for start in starts[1:]:
+        Path(start).unlink(missing_ok=True)
     return out_xfm
+
+
+def _remove_transforms(result: dict, keep: str = "") -> None:
+    """Delete the temporary transform files of an ``ants.registration`` result."""
+    for p in {*result["fwdtransforms"], *result["invtransforms"]}:
+        if p != keep:
+            Path(p).unlink(missing_ok=True)
+
+
+#: Grid of the rotation search's copies of both images (mm): the search only needs the head's outline.
+INIT_SEARCH_RESOLUTION_MM = 4.0
+
+
+def _search_initial_rotation(fixed, moving, out_file: str, *, arc_deg: float, step_deg: float) -> str:
+    """Multi-start initial transform: ANTs' ``antsAffineInitializer`` on 4 mm copies of both images.
+
+    Rotations about the centre of mass within +-``arc_deg`` of the header's
+    orientation, every ``step_deg`` about each axis, each refined by a short
+    local affine search on mutual information; the best start is written to
+    ``out_file``. The affine stage alone, started from the centres of mass,
+    falls into a wrong minimum on some 5.5 mm stacks tilted by 12 degrees
+    (issue 16); niworkflows' brain extraction starts its registration with the
+    same search (``antsAI``, 15 degree steps).
+    """
+    ants = _ants()
+    res = INIT_SEARCH_RESOLUTION_MM
+    log = Path(out_file).with_suffix(".log")
+    with _program_output(str(log)):  # it prints a line per rejected start ("bad det ...")
+        ants.affine_initializer(_coarse_copy(fixed, res), _coarse_copy(moving, res), search_factor=float(step_deg),
+                                radian_fraction=float(arc_deg) / 180.0, use_principal_axis=False,
+                                local_search_iterations=10, txfn=out_file)
+    if not Path(out_file).is_file():
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
+        raise RuntimeError(f"{out_file}: the ANTs rotation search wrote no transform {tail}")
+    log.unlink(missing_ok=True)
+    return out_file
+
+
+@contextlib.contextmanager
+def _program_output(log_file: str):
+    """Send file descriptors 1 and 2 to ``log_file`` inside the block.
+
+    ANTs programs print progress there (not to ``sys.stdout``); the caller reads the file when the
+    program fails.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    log = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        os.close(log)
 
 
 def register_syn(

@@ -25,6 +25,7 @@ from pipeline.core.bids import load_bold_image
 from pipeline.core.errors import InputError, NeurocurateError
 from workflows.ops.confounds import leading_outliers, rigid_parameters
 from workflows.ops.seeding import ants_seed
+from workflows.ops.transforms import itk_linear_ras
 
 __all__ = [
     "EPI_TEMPLATE_NAMES",
@@ -59,10 +60,6 @@ EPI_TEMPLATE_NAMES = (
     "tpl-MNI152NLin6Asym/tpl-MNI152NLin6Asym_res-02_desc-EPI_boldref.nii.gz",
     "tpl-MNI152NLin6Asym_res-02_desc-EPI_boldref.nii.gz",
 )
-
-
-# ANTs stores physical points in LPS; BIDS confounds are reported in RAS.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 @dataclass(frozen=True)
@@ -184,14 +181,8 @@ def transform_parameters(xfm_file: str | Path) -> np.ndarray:
     that of the equivalent ``y = A x + b`` (rotation about the scanner
     origin), converted to RAS.
     """
-    import ants
-
-    tx = ants.read_transform(str(xfm_file))
-    p = np.asarray(tx.parameters, dtype=np.float64)
-    c = np.asarray(tx.fixed_parameters, dtype=np.float64)
-    a = p[:9].reshape(3, 3)
-    b = p[9:12] + c - a @ c
-    return rigid_parameters(_LPS_TO_RAS @ a @ _LPS_TO_RAS, _LPS_TO_RAS @ b)
+    m = itk_linear_ras(xfm_file)
+    return rigid_parameters(m[:3, :3], m[:3, 3])
 
 
 def rigid_matrix(params_6: np.ndarray, centre_3: np.ndarray | None = None) -> np.ndarray:
