@@ -140,10 +140,15 @@ def _per_fold(result: dict[str, Any]) -> str:
     head = "".join(f"<th>{_e(f)}</th>" for f in folds)
     sizes = "".join(f"<td>{f['n_train']} / {f['n_test']}</td>" for f in result["folds"])
     rows = "".join(
-        f"<tr><td>{_e(m)}</td>" + "".join(f"<td>{_fmt(info['per_fold'][f][metric])}</td>" for f in folds) + "</tr>"
+        f"<tr><td>{_e(m)}</td>" + "".join(f"<td>{_fmt(info['per_fold'][f][metric])}</td>" for f in folds)
+        + f"<td>{_fmt(info.get('fold_mean', {}).get(metric, float('nan')))}</td></tr>"
         for m, info in result["models"].items()
     )
-    return f"<table><tr><th>{_e(metric)} per fold</th>{head}</tr><tr><td>train / test</td>{sizes}</tr>{rows}</table>"
+    note = ("<p>Mean of folds: each fold's model scored on its own test set. Pooled figures (above) rank all folds' "
+            "test rows together; when folds train on data of different class balance (leave-site-out), the pooled "
+            "figure mixes their offsets and can read below chance for a model that learned only its prior.</p>")
+    return (f"<table><tr><th>{_e(metric)} per fold</th>{head}<th>mean of folds</th></tr><tr><td>train / test</td>"
+            f"{sizes}<td></td></tr>{rows}</table>{note}")
 
 
 def _few_shot(result: dict[str, Any]) -> str:

@@ -33,7 +33,8 @@ from pipeline.evaluation.metrics import (
 )
 from pipeline.evaluation.splits import Fold, check_no_leak, few_shot_subsets, make_splits
 
-__all__ = ["KNOWN_BASELINES", "ModelSpec", "encode_target", "evaluate_features", "evaluate_run", "positioning_gradients"]
+__all__ = ["KNOWN_BASELINES", "ModelSpec", "encode_target", "evaluate_features", "evaluate_run", "fold_mean",
+           "positioning_gradients"]
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,8 @@ def evaluate_features(specs: list[ModelSpec], y: np.ndarray, subjects: np.ndarra
                                       n_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=cfg.seed)
         per_fold = {f.name: _point(y[f.test], oof[f.test], task) for f in folds}
         models[spec.name] = {"baseline": spec.baseline, "description": spec.description, "metrics": scored,
-                             "per_fold": per_fold, "seconds": round(time.perf_counter() - t0, 2)}
+                             "per_fold": per_fold, "fold_mean": fold_mean(per_fold),
+                             "seconds": round(time.perf_counter() - t0, 2)}
         log.info("%s: %s %.3f [%.3f, %.3f]", spec.name, primary, scored[primary]["value"], scored[primary]["low"], scored[primary]["high"])
     best = _best(models, [s.name for s in specs if s.baseline], primary)
     comparisons = {}
@@ -156,6 +158,25 @@ def evaluate_features(specs: list[ModelSpec], y: np.ndarray, subjects: np.ndarra
     if few_shot:
         result["few_shot"] = _few_shot(specs, y, subjects, folds, task, n_classes, cfg, few_shot)
     return result
+
+
+def fold_mean(per_fold: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over the folds where it is defined (NaN where it is defined in none).
+
+    Each fold's model is scored on its own test rows only. The pooled metrics
+    (``metrics``) rank the test rows of all folds together, and folds whose
+    training data differ in class balance (leave-site-out) score on different
+    offsets: pooled, a model that learned only its training prior can read
+    below chance. The fold mean is free of that (issue 14,
+    ``benchmarks/site_stratified_auroc.py``).
+    """
+    names = {k for m in per_fold.values() for k in m}
+    out = {}
+    for k in sorted(names):
+        vals = np.array([m.get(k, np.nan) for m in per_fold.values()], dtype=np.float64)
+        vals = vals[np.isfinite(vals)]
+        out[k] = float(vals.mean()) if vals.size else float("nan")
+    return out
 
 
 def _point(y: np.ndarray, pred: np.ndarray, task: str) -> dict[str, float]:
