@@ -111,7 +111,7 @@ class AnatConfig:
     # "syn": ANTs SyN (quick preset, started from the affine) after the affine; the transform to MNI is then
     # an ITK composite (.h5) used for the anatomical and the BOLD outputs. "affine": the 12-dof affine only.
     registration: Literal["affine", "syn"] = "affine"
-    # Registration runs at this template resolution; 2 mm keeps it near 4 s.
+    # Registration runs at this template resolution; 2 mm keeps each affine start near 4 s.
     registration_resolution: int = 2
     # Mattes mutual information; GC (global correlation) is the alternative for same-contrast pairs.
     registration_metric: Literal["mattes", "GC", "meansquares"] = "mattes"
