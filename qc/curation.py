@@ -94,6 +94,7 @@ METRIC_WORDS = {
     "efc": "ghosting/blurring (EFC)",
     "fber": "signal in the head vs. in the air (FBER)",
     "wm2max": "white-matter-to-maximum intensity ratio",
+    "inu_med": "median bias-field strength (N4)",
     "inu_range": "bias-field (intensity non-uniformity) range",
     "blur_ap_lr": "front-to-back vs. left-right sharpness (motion blur)",
     "air_signal": "signal in the air around the head (ghosting, noise)",
@@ -106,6 +107,9 @@ METRIC_WORDS = {
     "fd_perc": "share of volumes with FD above 0.2 mm",
     "n_volumes": "number of volumes",
     "zero_variance_fraction": "share of constant ROI series",
+    "n_rois": "number of atlas regions",
+    "empty_roi_fraction": "share of atlas regions without signal",
+    "dvars_mean": "mean frame-to-frame signal change (DVARS)",
 }
 
 

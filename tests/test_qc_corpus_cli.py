@@ -121,3 +121,14 @@ def test_severe_copies_are_excluded_with_a_reason(curated: pd.DataFrame) -> None
     for sub in ("cropS", "holeM"):
         assert "absolute" in bad.loc[sub, "qc_layer"] and "signal voids" in bad.loc[sub, "qc_reason"]
     assert (curated.loc[curated["subject"].isin(CLEAN), "signal_void"] == 0).all()
+
+
+def test_every_metric_a_layer_can_judge_has_a_name_a_reviewer_reads(curated: pd.DataFrame) -> None:
+    """The dataset layer names any metric column in its reason; none may reach a reviewer as a raw key (inu_med did)."""
+    from pipeline.core.layout import CURATION_NON_METRIC_COLUMNS
+    from qc.curation import METRIC_WORDS
+
+    metrics = [c for c in curated.columns
+               if c not in CURATION_NON_METRIC_COLUMNS and pd.api.types.is_numeric_dtype(curated[c])]
+    assert "inu_med" in metrics and "cjv" in metrics
+    assert [m for m in metrics if m not in METRIC_WORDS] == []
