@@ -223,21 +223,26 @@ def inject(data: np.ndarray, affine: np.ndarray, artifact: str, severity: str, s
     raise ValueError(f"unknown artifact {artifact!r}")
 
 
+def tilt_matrix(affine: np.ndarray, shape: tuple[int, ...], axis: int, degrees: float) -> np.ndarray:
+    """4x4 RAS rotation by ``degrees`` about world ``axis`` through the centre of the volume."""
+    th = np.deg2rad(degrees)
+    c, s = np.cos(th), np.sin(th)
+    a, b = (i for i in range(3) if i != axis)
+    rot = np.eye(4)
+    rot[a, a], rot[a, b], rot[b, a], rot[b, b] = c, -s, s, c
+    centre = affine @ np.array([*(np.asarray(shape[:3]) - 1) / 2.0, 1.0])
+    shift, back = np.eye(4), np.eye(4)
+    shift[:3, 3], back[:3, 3] = centre[:3], -centre[:3]
+    return shift @ rot @ back
+
+
 def turned_affine(affine: np.ndarray, shape: tuple[int, ...], severity: str) -> np.ndarray:
     """Wrong orientation in the header: rotate about the left-right axis through the centre of the volume.
 
     Severe: 180 degrees (head upside down, as from a swapped slice direction);
     mild: 12 degrees (a tilt the registration absorbs).
     """
-    angle = np.deg2rad(180.0 if severe_flag(severity) else 12.0)
-    c, s = np.cos(angle), np.sin(angle)
-    rot = np.array([[1, 0, 0, 0], [0, c, -s, 0], [0, s, c, 0], [0, 0, 0, 1]])
-    centre = affine @ np.array([*(np.asarray(shape[:3]) - 1) / 2.0, 1.0])
-    shift = np.eye(4)
-    shift[:3, 3] = centre[:3]
-    back = np.eye(4)
-    back[:3, 3] = -centre[:3]
-    return shift @ rot @ back @ affine
+    return tilt_matrix(affine, shape, 0, 180.0 if severe_flag(severity) else 12.0) @ affine
 
 
 def severe_flag(severity: str) -> bool:

@@ -56,20 +56,6 @@ SETTINGS: dict[str, AnatConfig] = {
 HOLD_MM = 2.0
 
 
-def tilt_matrix(affine: np.ndarray, shape: tuple[int, ...], axis: int, degrees: float) -> np.ndarray:
-    """4x4 RAS rotation by ``degrees`` about world ``axis`` through the centre of the volume."""
-    th = np.deg2rad(degrees)
-    c, s = np.cos(th), np.sin(th)
-    others = [i for i in range(3) if i != axis]
-    rot = np.eye(4)
-    rot[others[0], others[0]], rot[others[0], others[1]] = c, -s
-    rot[others[1], others[0]], rot[others[1], others[1]] = s, c
-    centre = affine @ np.array([*(np.asarray(shape[:3]) - 1) / 2.0, 1.0])
-    shift, back = np.eye(4), np.eye(4)
-    shift[:3, 3], back[:3, 3] = centre[:3], -centre[:3]
-    return shift @ rot @ back
-
-
 def subject_points(xfm: str, points_ras: np.ndarray) -> np.ndarray:
     """N x 3 RAS template points mapped by a registration's forward transform (RAS subject points)."""
     return nib.affines.apply_affine(itk_linear_ras(xfm), points_ras)
@@ -101,7 +87,7 @@ def one_scan(scan: qcg.RealScan, work: Path, points: np.ndarray, settings_labels
         seconds = [time.perf_counter() - t0]
         ref_subject = subject_points(str(ref_xfm), points)
         for name, axis, degrees in TILTS:
-            turn = tilt_matrix(n4.affine, data.shape, axis, degrees)
+            turn = qcg.tilt_matrix(n4.affine, data.shape, axis, degrees)
             moved = out_dir / f"{tag}_{name}.nii"
             qcg._save(data, turn @ n4.affine, moved)
             xfm = out_dir / f"{tag}_{name}.mat"
