@@ -35,9 +35,16 @@ ds000011 T1w and T2w: 5); the training cases are read the same way. This is
 what ``neurocurate`` does by default on the corpus, whose sites it reads from
 each scan's acquisition (:func:`qc.group.acquisition_site`: the groups are
 the sources); ``--no-site`` decides every case with its site unknown. The
-dataset layer's rule (3) needs 10 scans of a site, which no source has, so it
-never fires here. In-sample figures (everything fitted on all sources) are
-printed beside, and so are the LOSO figures at the shipped operating point.
+dataset layer's rule (3) judges a case within its site's group: the clean
+real scans of its source with its labelled modality, the case in place of the
+scan it was made from, where that group has ``[qc] outlier_rule_min_group``
+scans. No source has the 10 that the product asks for; ``--rule-min-group 5``
+judges the groups the corpus has (NiChart T1w and FLAIR: 9; ds000011 T1w and
+T2w: 5). Its limit is chosen
+by the same inner leave-one-source-out, on the inner sources' groups, and its
+scale floor comes from the fold's reference. In-sample figures (everything
+fitted on all sources) are printed beside, and so are the LOSO figures at the
+shipped operating point.
 
 Goal: recall on severe >= 0.95 and false-reject rate on clean + mild <= 0.05,
 pooled and per source.
@@ -501,14 +508,18 @@ def compute(cases: list[Case], work: Path, jobs: int, reverse: bool = False) -> 
 class Operating:
     z_limit: float
     threshold: float
+    outlier_k: float
 
 
 #: Read each test case as a scan of its source's dataset (the site calibration applies where the source has
 #: enough scans); ``--no-site`` reads every case as a scan of a dataset whose sites are unknown (no calibration),
 #: as ``neurocurate`` does when ``participants.tsv`` has no site column.
 READ_AS_SITE = True
+#: ``--rule-min-group``: the dataset rule's smallest site group (0 = the shipped ``outlier_rule_min_group``).
+RULE_MIN_GROUP = 0
 Z_GRID = (3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0)
 P_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+K_GRID = (3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0)
 INNER_FRR = 0.03
 
 
@@ -543,9 +554,37 @@ def _rates(fail: np.ndarray, label: np.ndarray) -> tuple[float, float]:
     return recall, frr
 
 
+def _dataset_max_z(test: pd.DataFrame, reference: pd.DataFrame) -> np.ndarray:
+    """Largest z of the dataset layer's rule (:func:`qc.curation.dataset_rule_z`, shipped group size and scale
+    floor) for each case, read in its site's group: the clean real scans of its source with its labelled
+    modality, the case in place of the scan it was made from. NaN where the group is too small for the rule
+    (and with ``--no-site``: sites unknown)."""
+    from qc.curation import dataset_rule_z
+
+    qc = _rule_qc()
+    out = np.full(len(test), np.nan)
+    if not READ_AS_SITE:
+        return out
+    metric_cols = _metric_names(test)
+    clean = test[test["severity"] == "clean"]
+    for i, (_, c) in enumerate(test.iterrows()):
+        peers = clean[(clean["source"] == c["source"]) & (clean["modality"] == c["modality"])
+                      & (clean["scan"] != c["scan"])]
+        if len(peers) + 1 < qc.outlier_rule_min_group:
+            continue
+        group = pd.concat([peers, c.to_frame().T], ignore_index=True)
+        group = group[["modality", "source", *metric_cols]].rename(columns={"source": "site"})
+        for m in metric_cols:
+            group[m] = pd.to_numeric(group[m], errors="coerce")
+        z = dataset_rule_z(group, reference, qc).iloc[-1]
+        out[i] = float(z.max()) if z.notna().any() else np.nan
+    return out
+
+
 def _fold_scores(train: pd.DataFrame, test: pd.DataFrame) -> dict:
-    """Reference + classifier fitted on ``train``: absolute fails, reference max z and P(artifact) of ``test``
-    (each case read against its site as the product does, :func:`qc.classifier.cohort_shifts`)."""
+    """Reference + classifier fitted on ``train``: absolute fails, reference max z, P(artifact) and the dataset
+    rule's max z of ``test`` (each case read against its site as the product does,
+    :func:`qc.classifier.cohort_shifts`, :func:`_dataset_max_z`)."""
     from pipeline.core.config import QCConfig
     from qc import classifier
     from qc.reference import build_reference
@@ -557,22 +596,27 @@ def _fold_scores(train: pd.DataFrame, test: pd.DataFrame) -> dict:
     shift = (classifier.cohort_shifts(test, reference, qc.site_calibration_min_group, qc.reference_z_limit)
              if READ_AS_SITE else None)
     return {"abs": _absolute_fail(test), "maxz": _ref_max_z(test, reference),
-            "p": classifier.predict(model, test, reference, shift)}
+            "p": classifier.predict(model, test, reference, shift), "dz": _dataset_max_z(test, reference)}
 
 
 def choose_operating(train: pd.DataFrame) -> Operating:
-    """Inner leave-one-source-out on ``train``: the z limit, then the classifier threshold.
+    """Inner leave-one-source-out on ``train``: the z limit, then the classifier threshold, and the dataset
+    layer's limit.
 
     The z limit is the smallest whose absolute + reference false-reject rate
     on clean + mild stays <= INNER_FRR; the threshold is the smallest whose
     combined false-reject rate stays <= INNER_FRR (both pooled over the inner
-    held-out sources).
+    held-out sources). The dataset layer's limit is the smallest whose own
+    false-reject rate stays <= INNER_FRR on the inner cases it judges (those
+    of sources with enough clean scans of a modality; the largest of K_GRID
+    when there are none).
     """
     parts = []
     for s in sorted(train["source"].unique()):
         inner_train, inner_test = train[train["source"] != s], train[train["source"] == s]
         sc = _fold_scores(inner_train, inner_test)
-        parts.append(pd.DataFrame({"abs": sc["abs"], "maxz": sc["maxz"], "p": sc["p"], "label": inner_test["label"].to_numpy()}))
+        parts.append(pd.DataFrame({"abs": sc["abs"], "maxz": sc["maxz"], "p": sc["p"], "dz": sc["dz"],
+                                   "label": inner_test["label"].to_numpy()}))
     sc = pd.concat(parts, ignore_index=True)
     label = sc["label"].to_numpy()
     z_limit = Z_GRID[-1]
@@ -588,21 +632,43 @@ def choose_operating(train: pd.DataFrame) -> Operating:
         if frr <= INNER_FRR:
             threshold = t
             break
-    return Operating(z_limit, threshold)
+    judged = sc[sc["dz"].notna()]
+    outlier_k = K_GRID[-1]
+    for k in K_GRID if len(judged) else ():
+        _, frr = _rates((judged["dz"] > k).to_numpy(), judged["label"].to_numpy())
+        if frr <= INNER_FRR:
+            outlier_k = k
+            break
+    return Operating(z_limit, threshold, outlier_k)
+
+
+def _rule_qc():
+    """The shipped QC settings, with the dataset rule's group size from ``--rule-min-group`` where given."""
+    import dataclasses
+
+    from pipeline.core.config import QCConfig
+
+    qc = QCConfig()
+    return dataclasses.replace(qc, outlier_rule_min_group=RULE_MIN_GROUP) if RULE_MIN_GROUP else qc
+
+
+def _rule_min_group() -> int:
+    return _rule_qc().outlier_rule_min_group
 
 
 def _shipped_operating() -> Operating:
     from pipeline.core.config import QCConfig
 
     qc = QCConfig()
-    return Operating(qc.reference_z_limit, qc.classifier_threshold)
+    return Operating(qc.reference_z_limit, qc.classifier_threshold, qc.outlier_k)
 
 
 def decide(scores: dict, op: Operating) -> dict[str, np.ndarray]:
     ref = scores["maxz"] > op.z_limit
     clf = scores["p"] >= op.threshold
-    return {"absolute": scores["abs"], "reference": ref, "classifier": clf,
-            "abs+ref": scores["abs"] | ref, "all": scores["abs"] | ref | clf}
+    dataset = np.nan_to_num(scores["dz"], nan=-np.inf) > op.outlier_k
+    return {"absolute": scores["abs"], "reference": ref, "classifier": clf, "dataset": dataset,
+            "abs+ref": scores["abs"] | ref, "all": scores["abs"] | ref | clf | dataset}
 
 
 def evaluate(df: pd.DataFrame) -> None:
@@ -620,23 +686,42 @@ def evaluate(df: pd.DataFrame) -> None:
         for k, v in dec.items():
             loso.setdefault(k, pd.Series(False, index=df.index)).loc[test.index] = v
         loso.setdefault("p", pd.Series(np.nan, index=df.index)).loc[test.index] = scores["p"]
+        loso.setdefault("dz", pd.Series(np.nan, index=df.index)).loc[test.index] = scores["dz"]
         fixed.loc[test.index] = decide(scores, shipped)["all"]
     op_all = choose_operating(df)
-    ins = decide(_fold_scores(df, df), op_all)
+    ins_scores = _fold_scores(df, df)
+    ins = decide(ins_scores, op_all)
     label = df["label"].to_numpy()
 
-    print("\noperating points (z limit / classifier threshold) chosen by inner LOSO:")
+    print("\noperating points (z limit / classifier threshold / dataset limit) chosen by inner LOSO:")
     for s, op in ops.items():
-        print(f"  without {s:32s} z {op.z_limit:g}  p {op.threshold:g}")
-    print(f"  all sources (shipped defaults)   z {op_all.z_limit:g}  p {op_all.threshold:g}")
+        print(f"  without {s:32s} z {op.z_limit:g}  p {op.threshold:g}  k {op.outlier_k:g}")
+    print(f"  all sources                      z {op_all.z_limit:g}  p {op_all.threshold:g}  k {op_all.outlier_k:g}"
+          f"   (shipped: z {shipped.z_limit:g}  p {shipped.threshold:g}  k {shipped.outlier_k:g})")
+
+    judged = loso["dz"].notna().to_numpy()
+    print(f"\ndataset layer alone, on the {int(judged.sum())} cases in site groups of at least "
+          f"{_rule_min_group()} clean scans (LOSO | in-sample | LOSO at the shipped limit):")
+    for s in [None, *sources]:
+        m = judged & ((df["source"] == s).to_numpy() if s else True)
+        if not m.any():
+            continue
+        r1, f1 = _rates(loso["dataset"].to_numpy()[m], label[m])
+        r2, f2 = _rates(ins["dataset"][m], label[m])
+        r3, f3 = _rates(loso["dz"].to_numpy()[m] > shipped.outlier_k, label[m])
+        print(f"  {s or 'pooled':32s} n {int(m.sum()):3d}: recall {r1:.3f} FRR {f1:.3f} | recall {r2:.3f} FRR {f2:.3f} "
+              f"| recall {r3:.3f} FRR {f3:.3f}")
+    fr = df[judged & (label == 0) & loso["dataset"].to_numpy()]
+    print(f"  LOSO false rejects of the dataset layer: {', '.join(fr['case']) or 'none'}")
 
     print("\npooled: recall on severe / false-reject rate on clean+mild  (LOSO | in-sample)")
-    for layer in ("absolute", "reference", "abs+ref", "classifier", "all"):
+    for layer in ("absolute", "reference", "abs+ref", "dataset", "classifier", "all"):
         r1, f1 = _rates(loso[layer].to_numpy(), label)
         r2, f2 = _rates(ins[layer], label)
         print(f"  {layer:10s} LOSO recall {r1:.3f} FRR {f1:.3f} | in-sample recall {r2:.3f} FRR {f2:.3f}")
     r1, f1 = _rates(fixed.to_numpy(), label)
-    print(f"  all, at the shipped defaults (z {shipped.z_limit:g}, p {shipped.threshold:g}) in every fold: "
+    print(f"  all, at the shipped defaults (z {shipped.z_limit:g}, p {shipped.threshold:g}, k {shipped.outlier_k:g}) "
+          "in every fold: "
           f"LOSO recall {r1:.3f} FRR {f1:.3f}")
     print("\nper source, all layers: n_severe n_ok | LOSO recall FRR (per-fold operating points) | "
           "LOSO recall FRR (shipped defaults) | in-sample recall FRR")
@@ -754,9 +839,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="a 'neurocurate prep' output of the corpus whose registrations are reused (repeatable)")
     ap.add_argument("--no-site", action="store_true",
                     help="decide every case as a scan of a dataset without a site column (no site calibration)")
+    ap.add_argument("--rule-min-group", type=int, default=0,
+                    help="the dataset rule's smallest site group (default: the shipped [qc] outlier_rule_min_group)")
     a = ap.parse_args(argv)
-    global READ_AS_SITE
+    global READ_AS_SITE, RULE_MIN_GROUP
     READ_AS_SITE = not a.no_site
+    RULE_MIN_GROUP = a.rule_min_group
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
     PREP_DIRS.extend(a.prep_dir)
     scans = real_scans()

@@ -48,6 +48,7 @@ from pipeline.core.layout import (
     OutputLayout,
 )
 from qc.reference import (
+    ACQUISITION_METRICS,
     ANAT_MODALITIES,
     DIRECTION,
     bad_z,
@@ -63,11 +64,13 @@ __all__ = [
     "TRAILING_COLUMNS",
     "apply_overrides",
     "build_table",
+    "dataset_rule_z",
     "evaluate_rules",
     "mad_outliers",
     "read_table",
     "reference_failures",
     "rules_for",
+    "scale_floor",
     "site_outliers",
     "table_paths",
     "write_table",
@@ -166,14 +169,18 @@ def _robust(values: pd.Series) -> tuple[float, float]:
     return med, 1.4826 * float((values - med).abs().median())
 
 
-def site_outliers(df: pd.DataFrame, metrics: Iterable[str], min_group: int) -> pd.DataFrame:
+def site_outliers(
+    df: pd.DataFrame, metrics: Iterable[str], min_group: int,
+    scale_floor: Mapping[tuple[str, str], float] | None = None,
+) -> pd.DataFrame:
     """Robust z of each metric within its (modality, site) group, positive = towards degradation.
 
     Metrics with a known direction (:data:`qc.reference.DIRECTION`) are
     one-sided (a scan better than its site is not an outlier); others are
     two-sided (``|z|``). Groups smaller than ``min_group`` get NaN: a median
-    of three scans is not a population. MAD is scaled by 1.4826 so z reads
-    as standard deviations for normal data; a zero MAD gives NaN.
+    of three scans is not a population. The scale is 1.4826 MAD, so z reads
+    as standard deviations for normal data, raised to ``scale_floor[(modality,
+    metric)]`` where given; a zero scale gives NaN.
 
     Returns
     -------
@@ -184,6 +191,7 @@ def site_outliers(df: pd.DataFrame, metrics: Iterable[str], min_group: int) -> p
     out = pd.DataFrame(np.nan, index=df.index, columns=metrics)
     if df.empty:
         return out
+    scale_floor = scale_floor or {}
     for (modality, _), group in df.groupby(["modality", "site"], sort=False):
         if len(group) < min_group:
             continue
@@ -193,9 +201,10 @@ def site_outliers(df: pd.DataFrame, metrics: Iterable[str], min_group: int) -> p
             if len(finite) < min_group:
                 continue
             med, mad = _robust(finite)
-            if mad == 0:
+            scale = max(mad, scale_floor.get((str(modality), metric), 0.0))
+            if scale == 0:
                 continue
-            z = (finite - med) / mad
+            z = (finite - med) / scale
             try:
                 d = direction(str(modality), metric)
             except KeyError:
@@ -204,9 +213,37 @@ def site_outliers(df: pd.DataFrame, metrics: Iterable[str], min_group: int) -> p
     return out
 
 
-def mad_outliers(df: pd.DataFrame, metrics: Iterable[str], k: float, min_group: int) -> pd.Series:
+def dataset_rule_z(df: pd.DataFrame, reference: pd.DataFrame, qc: QCConfig) -> pd.DataFrame:
+    """The z-scores the dataset layer's rule judges (it fails a scan above ``qc.outlier_k``).
+
+    Anatomical scans of a known site (``site`` not ``"unknown"``) in (modality,
+    site) groups of at least ``qc.outlier_rule_min_group`` scans, on the
+    metrics of the acquisition (:data:`qc.reference.ACQUISITION_METRICS`: what
+    the scans of one site share whoever is scanned). Each metric's site scale
+    is at least ``qc.outlier_scale_floor`` times its scale in ``reference``
+    (the spread of clean scans across scanners): a protocol whose scans agree
+    to a fraction of a percent does not make a fraction of a percent an
+    outlier. NaN where the rule does not apply.
+    """
+    metrics = [m for m in ACQUISITION_METRICS if m in df.columns]
+    anat = df[df["modality"].isin(ANAT_MODALITIES) & (df["site"].astype(str) != "unknown")]
+    z = site_outliers(anat, metrics, max(qc.outlier_rule_min_group, 2), scale_floor(reference, qc))
+    return z.reindex(df.index)
+
+
+def scale_floor(reference: pd.DataFrame, qc: QCConfig) -> dict[tuple[str, str], float]:
+    """``(modality, metric) -> qc.outlier_scale_floor * reference scale``: the smallest site scale of the dataset
+    layer (its rule and its ``outlier_metrics`` suggestions)."""
+    return {(str(r.modality), str(r.metric)): qc.outlier_scale_floor * float(r.scale)
+            for r in reference.itertuples(index=False)}
+
+
+def mad_outliers(
+    df: pd.DataFrame, metrics: Iterable[str], k: float, min_group: int,
+    scale_floor: Mapping[tuple[str, str], float] | None = None,
+) -> pd.Series:
     """Names of the metrics whose site-relative robust z (:func:`site_outliers`) exceeds ``k``, ``;``-joined per row."""
-    z = site_outliers(df, metrics, min_group)
+    z = site_outliers(df, metrics, min_group, scale_floor)
     return pd.Series(
         [";".join(c for c in z.columns if row[c] > k) for _, row in z.iterrows()], index=df.index, dtype=str
     )
@@ -271,7 +308,7 @@ def _rule_failures(df: pd.DataFrame, judged: pd.DataFrame, qc: QCConfig, metric_
     the reference rule read metric values, so they read these.
     """
     reference = load_reference(qc.reference_table or None)
-    site_z = site_outliers(judged, metric_names, qc.outlier_min_group)
+    site_z = dataset_rule_z(judged, reference, qc)
     group_size = df.groupby(["modality", "site"])["path"].transform("size")
     p_artifact = np.full(len(df), np.nan)
     calibrated = pd.Series(False, index=df.index)
@@ -317,7 +354,7 @@ def _rule_failures(df: pd.DataFrame, judged: pd.DataFrame, qc: QCConfig, metric_
             site = str(row["site"])
             if site != "unknown" and group_size[idx] >= qc.outlier_rule_min_group:
                 zs = site_z.loc[idx]
-                site_failed = [(m, float(zs[m])) for m in site_z.columns if zs[m] > qc.outlier_k]
+                site_failed = [(m, float(zs[m])) for m in site_z.columns if pd.notna(zs[m]) and zs[m] > qc.outlier_k]
                 if site_failed:
                     layers.append("dataset")
                     failed += [f"site:{m} z={z:.1f}>{qc.outlier_k:g}" for m, z in site_failed]
@@ -387,7 +424,8 @@ def build_table(
         df[col] = decisions[col]
     df["qc_pass"] = df["qc_pass"].astype(bool)
     df["p_artifact"] = df["p_artifact"].astype(float)
-    df["outlier_metrics"] = mad_outliers(judged, metric_names, qc.outlier_k, qc.outlier_min_group)
+    floor = scale_floor(load_reference(qc.reference_table or None), qc)
+    df["outlier_metrics"] = mad_outliers(judged, metric_names, qc.outlier_k, qc.outlier_min_group, floor)
     df["override"] = ""
     df["override_comment"] = ""
     df["include"] = df["qc_pass"]

@@ -22,6 +22,7 @@ from pipeline.core.errors import InputError
 
 __all__ = [
     "ANAT_METRICS",
+    "ACQUISITION_METRICS",
     "ANAT_MODALITIES",
     "DIRECTION",
     "NOT_REFERENCED",
@@ -97,6 +98,17 @@ POOLED_METRICS: frozenset[str] = frozenset(
     {"inu_range", "brain_coverage", "blur_ap_lr", "air_signal", "wm_trend"}
 )
 REFERENCE_COLUMNS = ("modality", "metric", "direction", "median", "scale", "n", "n_sources")
+
+#: Reference metrics that depend on the person as well as on the acquisition: similarity to the
+#: template and tissue intensity ratios move with age, atrophy and lesions (in the corpus, the clean
+#: scans of one 76-96-year-old with marked lesions sit at robust z ~4.8 on template correlation
+#: within their site), and a FLAIR's brightest tissue, hence its WM-to-maximum ratio, is often a lesion.
+ANATOMY_METRICS: frozenset[str] = frozenset(
+    {"correlation", "edge_correlation", "nmi", "mi", "psnr", "wm_gm_ratio", "csf_gm_ratio", "wm2max"}
+)
+#: The reference metrics that describe the acquisition (noise, contrast, ghosting, bias, blur, coverage):
+#: what the scans of one site share whoever is scanned, so the metrics the dataset layer judges.
+ACQUISITION_METRICS: tuple[str, ...] = tuple(m for m in REFERENCE_METRICS if m not in ANATOMY_METRICS)
 
 
 def contrast_judged(df: pd.DataFrame) -> pd.DataFrame:

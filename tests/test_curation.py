@@ -87,19 +87,26 @@ def test_build_table_columns_and_overrides() -> None:
 
 
 def test_mad_outliers_per_modality_and_site() -> None:
+    from qc.reference import load_reference
+
+    ref = load_reference()
+    air = ref[(ref["modality"] == "T1w") & (ref["metric"] == "air_signal")].iloc[0]
+    med, scale = float(air["median"]), float(air["scale"])
     rng = np.random.default_rng(0)
-    snr = _medians("T1w")["snr"]
-    recs = [_rec(f"a{i}", snr=snr * (1 + 0.01 * rng.normal())) for i in range(8)]
-    recs.append(_rec("a9", snr=snr * 0.8))  # far below its site's spread
-    recs.append(_rec("a10", snr=snr * 1.3))  # far above: better, not an outlier
-    recs += [_rec(f"b{i}", site="B", snr=snr * (0.5 + 0.1 * i)) for i in range(3)]  # small site: no suggestion
-    df = curation.build_table(recs, QCConfig())
-    flagged = dict(zip(df["subject"], df["outlier_metrics"], strict=True))
-    assert flagged["a9"] == "snr" and flagged["a10"] == ""
+    recs = [_rec(f"a{i}", air_signal=med * (1 + 0.01 * rng.normal())) for i in range(8)]
+    recs.append(_rec("a9", air_signal=med + 4 * scale))  # 4 reference scales above its site (reference z 4 < 8)
+    recs.append(_rec("a10", air_signal=0.0))  # less signal in the air: better, not an outlier
+    recs.append(_rec("a11", air_signal=med + 0.5 * scale))  # far above the site's own spread, within the reference's
+    recs += [_rec(f"b{i}", site="B", air_signal=med + 2 * i * scale) for i in range(2)]
+    recs.append(_rec("b2", site="B", air_signal=med + 4 * scale))  # small site: no suggestion
+    df = curation.build_table(recs, QCConfig()).set_index("subject")
+    flagged = df["outlier_metrics"].to_dict()
+    assert flagged["a9"] == "air_signal" and flagged["a10"] == "" and flagged["a11"] == ""
     assert all(flagged[f"a{i}"] == "" for i in range(8))
     assert all(flagged[f"b{i}"] == "" for i in range(3))
-    # Ten scans make site A a population (outlier_rule_min_group = 10): the outlier is now rejected.
-    assert "dataset" in df.set_index("subject").loc["a9", "qc_layer"]
+    # Site A (11 scans) is a population for the rule (outlier_rule_min_group = 10): a9 is rejected, site named.
+    assert "dataset" in df.loc["a9", "qc_layer"] and "site A" in df.loc["a9", "qc_reason"]
+    assert "dataset" not in df.loc["a11", "qc_layer"] and "dataset" not in df.loc["b2", "qc_layer"]
 
 
 def test_table_roundtrip(tmp_path: Path) -> None:

@@ -176,21 +176,43 @@ def test_flair_reference_is_contrast_matched() -> None:
 def test_layer3_site_outliers_need_a_known_site_with_enough_scans(qc_cfg: QCConfig) -> None:
     rng = np.random.default_rng(1)
     qc = dataclasses.replace(qc_cfg, classifier=False, outlier_rule_min_group=10)
-    # Site A: 11 scans, one with SNR well inside the reference (z 3 < 6) but far below its own site.
+    # Site A: 11 scans, one with SNR inside the reference (z 4 < 8) but 4 reference scales below its own site
+    # (the planted reference scale of SNR is 2; the site's own spread, 0.2, is tighter and does not count).
     recs = [_rec(f"a{i}", {**_scan(), "snr": 20 + 0.2 * rng.normal()}) for i in range(10)]
-    recs.append(_rec("a_low", {**_scan(), "snr": 14.0}))
-    recs.append(_rec("a_high", {**_scan(), "snr": 26.0}))  # better than its site: no failure
+    recs.append(_rec("a_low", {**_scan(), "snr": 12.0}))
+    recs.append(_rec("a_high", {**_scan(), "snr": 28.0}))  # better than its site: no failure
     # Unknown site: same numbers, no rule. Small site B: no rule either.
     recs += [_rec(f"u{i}", {**_scan(), "snr": 20 + 0.2 * rng.normal()}, site="") for i in range(10)]
-    recs.append(_rec("u_low", {**_scan(), "snr": 14.0}, site=""))
-    recs += [_rec(f"b{i}", {**_scan(), "snr": 20.0 + i}, site="B") for i in range(3)] + [_rec("b_low", {**_scan(), "snr": 14.0}, site="B")]
+    recs.append(_rec("u_low", {**_scan(), "snr": 12.0}, site=""))
+    recs += [_rec(f"b{i}", {**_scan(), "snr": 20.0 + i}, site="B") for i in range(3)] + [_rec("b_low", {**_scan(), "snr": 12.0}, site="B")]
     by = curation.build_table(recs, qc).set_index("subject")
     assert not by.loc["a_low", "qc_pass"] and by.loc["a_low", "qc_layer"] == "dataset"
-    assert "site A" in by.loc["a_low", "qc_reason"]
+    assert "site A" in by.loc["a_low", "qc_reason"] and "robust z 4.0" in by.loc["a_low", "qc_reason"]
     assert by.loc["a_high", "qc_pass"] and by.loc["a_high", "outlier_metrics"] == ""
     assert by.loc["u_low", "qc_pass"] and "snr" in by.loc["u_low", "outlier_metrics"]  # suggestion only
     assert by.loc["b_low", "qc_pass"]
     assert all(by.loc[f"a{i}", "qc_pass"] for i in range(10))
+
+
+def test_layer3_rule_ignores_tight_protocols_and_anatomy(qc_cfg: QCConfig) -> None:
+    """What made the rule reject 15 of 28 clean corpus scans: a metric that barely varies within a protocol
+    (a difference of 0.1 % in brain coverage read as z 20) and a person unlike the others (template correlation
+    of an atrophied brain). Neither rejects a scan now; the person stays visible as a suggestion."""
+    qc = dataclasses.replace(qc_cfg, classifier=False, outlier_rule_min_group=5)
+    rng = np.random.default_rng(3)
+    recs = [_rec(f"a{i}", {**_scan(), "brain_coverage": 0.999 + 1e-5 * rng.normal(),
+                           "correlation": 0.65 + 0.002 * rng.normal()}) for i in range(6)]
+    recs.append(_rec("tight", {**_scan(), "brain_coverage": 0.998, "correlation": 0.65}))
+    recs.append(_rec("atrophy", {**_scan(), "correlation": 0.33}))  # 5 reference scales below: z 5 < limit 8
+    recs.append(_rec("noisy", {**_scan(), "snr": 12.0}))  # an acquisition outlier is still one
+    by = curation.build_table(recs, qc).set_index("subject")
+    assert by.loc["tight", "qc_pass"] and by.loc["tight", "outlier_metrics"] == ""
+    assert by.loc["atrophy", "qc_pass"] and by.loc["atrophy", "outlier_metrics"] == "correlation"
+    assert not by.loc["noisy", "qc_pass"] and by.loc["noisy", "qc_layer"] == "dataset"
+    assert by.loc["noisy", "outlier_metrics"] == "snr"
+    # Without the floor the tight protocol's 0.1 % is an outlier again, and rejected.
+    floorless = curation.build_table(recs, dataclasses.replace(qc, outlier_scale_floor=0.0)).set_index("subject")
+    assert not floorless.loc["tight", "qc_pass"] and "brain_coverage" in floorless.loc["tight", "failed_rules"]
 
 
 def test_layer4_classifier_probability_and_operating_point(qc_cfg: QCConfig) -> None:

@@ -378,8 +378,11 @@ class QCConfig:
     3. Dataset outliers: robust z within each (modality, site) group of the
        dataset being curated; reported in ``outlier_metrics`` for groups of at
        least ``outlier_min_group`` scans, and a rule (fail above
-       ``outlier_k``) for groups of a known site with at least
-       ``outlier_rule_min_group`` scans. Sites come from the column
+       ``outlier_k``) for anatomical groups of a known site with at least
+       ``outlier_rule_min_group`` scans, on the metrics of the acquisition
+       (noise, contrast, ghosting, bias, blur, coverage), each metric's site
+       scale at least ``outlier_scale_floor`` times its reference scale
+       (:func:`qc.curation.dataset_rule_z`). Sites come from the column
        ``site_column`` of ``OUTPUT_DIR/participants.tsv``; a scan whose
        subject has none there is grouped by its acquisition (voxel size,
        data type, scanner: :func:`qc.group.acquisition_site`).
@@ -412,9 +415,12 @@ class QCConfig:
     # Both chosen by leave-one-source-out over the 9 sources of benchmarks/qc_generalisation.py (smallest values
     # whose inner false-reject rate on clean + mild stays <= 0.03); see benchmarks/README.md for what they reach.
     reference_z_limit: float = 8.0
+    # The dataset rule's limit, chosen the same way on the corpus' groups of 5-9 clean scans (NiChart, ds000011,
+    # with the rule's minimum lowered to 5 there); at that size the rule rejects mild copies, so it needs 10.
     outlier_k: float = 3.5
     outlier_min_group: int = 5
     outlier_rule_min_group: int = 10
+    outlier_scale_floor: float = 1.0
     site_column: str = "site"
     classifier: bool = True
     classifier_training: str = ""
