@@ -171,7 +171,7 @@ def _robust(values: pd.Series) -> tuple[float, float]:
 
 def site_outliers(
     df: pd.DataFrame, metrics: Iterable[str], min_group: int,
-    scale_floor: Mapping[tuple[str, str], float] | None = None,
+    scale_floor: Mapping[tuple[str, str], float] | None = None, floored_only: Iterable[str] = (),
 ) -> pd.DataFrame:
     """Robust z of each metric within its (modality, site) group, positive = towards degradation.
 
@@ -180,7 +180,9 @@ def site_outliers(
     two-sided (``|z|``). Groups smaller than ``min_group`` get NaN: a median
     of three scans is not a population. The scale is 1.4826 MAD, so z reads
     as standard deviations for normal data, raised to ``scale_floor[(modality,
-    metric)]`` where given; a zero scale gives NaN.
+    metric)]`` where given; a zero scale gives NaN, and so does a metric
+    without a floor in a modality of ``floored_only`` (no known spread of
+    clean scans to read a site's spread against).
 
     Returns
     -------
@@ -192,10 +194,13 @@ def site_outliers(
     if df.empty:
         return out
     scale_floor = scale_floor or {}
+    floored_only = frozenset(floored_only)
     for (modality, _), group in df.groupby(["modality", "site"], sort=False):
         if len(group) < min_group:
             continue
         for metric in metrics:
+            if modality in floored_only and (str(modality), metric) not in scale_floor:
+                continue
             values = pd.to_numeric(group[metric], errors="coerce").astype(float)
             finite = values[np.isfinite(values)]
             if len(finite) < min_group:
@@ -240,10 +245,10 @@ def scale_floor(reference: pd.DataFrame, qc: QCConfig) -> dict[tuple[str, str], 
 
 def mad_outliers(
     df: pd.DataFrame, metrics: Iterable[str], k: float, min_group: int,
-    scale_floor: Mapping[tuple[str, str], float] | None = None,
+    scale_floor: Mapping[tuple[str, str], float] | None = None, floored_only: Iterable[str] = (),
 ) -> pd.Series:
     """Names of the metrics whose site-relative robust z (:func:`site_outliers`) exceeds ``k``, ``;``-joined per row."""
-    z = site_outliers(df, metrics, min_group, scale_floor)
+    z = site_outliers(df, metrics, min_group, scale_floor, floored_only)
     return pd.Series(
         [";".join(c for c in z.columns if row[c] > k) for _, row in z.iterrows()], index=df.index, dtype=str
     )
@@ -425,7 +430,9 @@ def build_table(
     df["qc_pass"] = df["qc_pass"].astype(bool)
     df["p_artifact"] = df["p_artifact"].astype(float)
     floor = scale_floor(load_reference(qc.reference_table or None), qc)
-    df["outlier_metrics"] = mad_outliers(judged, metric_names, qc.outlier_k, qc.outlier_min_group, floor)
+    # Anatomical suggestions only on metrics with a reference spread (FBER, holes, the N4 median have none).
+    df["outlier_metrics"] = mad_outliers(judged, metric_names, qc.outlier_k, qc.outlier_min_group, floor,
+                                         floored_only=ANAT_MODALITIES)
     df["override"] = ""
     df["override_comment"] = ""
     df["include"] = df["qc_pass"]

@@ -361,3 +361,20 @@ def test_a_contrast_enhanced_scan_is_judged_on_contrast_free_metrics_only(qc_cfg
     assert judged.loc[judged["subject"] == "gd", "cjv"].isna().all()
     assert judged.loc[judged["subject"] == "gd", "air_signal"].notna().all()
     assert judged.loc[judged["subject"] == "plain", "cjv"].notna().all()
+
+
+def test_layer3_suggestions_need_a_known_spread_for_anatomical_scans(qc_cfg: QCConfig) -> None:
+    """The N4 field's median has no reference spread: a site's tight median does not make a suggestion on an
+    anatomical scan (at the corpus' groups it flagged 2 clean FLAIRs); BOLD metrics, which have no reference at all,
+    still do."""
+    qc = dataclasses.replace(qc_cfg, classifier=False)
+    rng = np.random.default_rng(4)
+    recs = [_rec(f"a{i}", {**_scan(), "inu_med": 0.5 + 0.001 * rng.normal()}) for i in range(6)]
+    recs.append(_rec("odd", {**_scan(), "inu_med": 0.6}))
+    bold = [_rec(f"b{i}", {"tsnr": 50 + rng.normal(), "fd_mean": 0.1, "fd_max": 0.3, "fd_perc": 0.0, "n_volumes": 200.0},
+                 modality="bold") for i in range(6)]
+    bold.append(_rec("b_odd", {"tsnr": 30.0, "fd_mean": 0.1, "fd_max": 0.3, "fd_perc": 0.0, "n_volumes": 200.0},
+                     modality="bold"))
+    by = curation.build_table(recs + bold, qc).set_index("subject")
+    assert by.loc["odd", "outlier_metrics"] == "" and by.loc["odd", "qc_pass"]
+    assert "tsnr" in by.loc["b_odd", "outlier_metrics"]
