@@ -757,6 +757,39 @@ def evaluate(df: pd.DataFrame) -> None:
             print(f"case preparation (corrupt + N4 + resample), this run: median {tp.median():.1f} s over {len(tp)} cases")
 
 
+def dataset_rule_by_group_size(df: pd.DataFrame) -> None:
+    """False-reject rate of the dataset rule on clean scans by site-group size: every subset of n clean real scans
+    of each (source, modality) with at least 5, judged as a site of n scans (rule minimum n) against a reference
+    without that source, at the shipped limit, with the shipped scale floor and without one. No source has 10 scans
+    of one modality, so this shows the trend below 10."""
+    import dataclasses
+    import itertools
+
+    from pipeline.core.config import QCConfig
+    from qc.curation import dataset_rule_z
+    from qc.reference import build_reference
+
+    shipped = QCConfig()
+    metric_cols = _metric_names(df)
+    clean = df[df["severity"] == "clean"]
+    print(f"\ndataset rule on clean scans by site-group size (every subset; limit {shipped.outlier_k:g}; false-reject rate):")
+    for (source, modality), g in clean.groupby(["source", "modality"]):
+        if len(g) < 5:
+            continue
+        reference = build_reference(clean[clean["source"] != source], source_column="source")
+        for floor in (shipped.outlier_scale_floor, 0.0):
+            line = []
+            for n in range(5, len(g) + 1):
+                qc = dataclasses.replace(shipped, outlier_rule_min_group=n, outlier_scale_floor=floor)
+                fails = total = 0
+                for subset in itertools.combinations(g.index, n):
+                    group = g.loc[list(subset), ["modality", "source", *metric_cols]].rename(columns={"source": "site"})
+                    fails += int((dataset_rule_z(group, reference, qc) > qc.outlier_k).any(axis=1).sum())
+                    total += n
+                line.append(f"n {n}: {fails / total:.3f}")
+            print(f"  {source:32s} {modality:5s} floor {floor:g}: " + "  ".join(line))
+
+
 def time_decisions(df: pd.DataFrame) -> None:
     """Time of the curation decisions (all layers, classifier fit included) per scan, via build_table."""
     from pipeline.core.config import QCConfig
@@ -877,6 +910,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.compute_only:
         return 0
     evaluate(df.reset_index(drop=True))
+    if READ_AS_SITE:
+        dataset_rule_by_group_size(df)
     time_decisions(df)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     return 0
