@@ -305,14 +305,13 @@ def apply_overrides(df: pd.DataFrame, ratings: Mapping[str, Mapping[str, str]]) 
 
 
 def _rule_failures(df: pd.DataFrame, judged: pd.DataFrame, qc: QCConfig, metric_names: list[str],
-                   ratings: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:
+                   ratings: Mapping[str, Mapping[str, str]], reference: pd.DataFrame) -> pd.DataFrame:
     """Evaluate the four layers on every row; returns the decision columns (without overrides).
 
     ``judged`` is ``df`` with the metrics no layer may judge blanked (:func:`qc.reference.contrast_judged`):
     the z-scores of layers 2-4 see to that themselves (:func:`qc.reference.raw_z_frame`), the dataset layer and
     the reference rule read metric values, so they read these.
     """
-    reference = load_reference(qc.reference_table or None)
     site_z = dataset_rule_z(judged, reference, qc)
     group_size = df.groupby(["modality", "site"])["path"].transform("size")
     p_artifact = np.full(len(df), np.nan)
@@ -423,13 +422,14 @@ def build_table(
     df = df.sort_values(["subject", "session", "modality", "task", "acq", "run", "path"], kind="stable").reset_index(drop=True)
     ratings = ratings or {}
     judged = contrast_judged(df)  # a contrast-enhanced scan is judged on contrast-free metrics only
-    decisions = _rule_failures(df, judged, qc, metric_names, ratings) if len(df) else pd.DataFrame(
+    reference = load_reference(qc.reference_table or None)
+    decisions = _rule_failures(df, judged, qc, metric_names, ratings, reference) if len(df) else pd.DataFrame(
         columns=["qc_pass", "qc_layer", "failed_rules", "qc_reason", "p_artifact"])
     for col in decisions.columns:
         df[col] = decisions[col]
     df["qc_pass"] = df["qc_pass"].astype(bool)
     df["p_artifact"] = df["p_artifact"].astype(float)
-    floor = scale_floor(load_reference(qc.reference_table or None), qc)
+    floor = scale_floor(reference, qc)
     # Anatomical suggestions only on metrics with a reference spread (FBER, holes, the N4 median have none).
     df["outlier_metrics"] = mad_outliers(judged, metric_names, qc.outlier_k, qc.outlier_min_group, floor,
                                          floored_only=ANAT_MODALITIES)

@@ -21,8 +21,9 @@ import pandas as pd
 from pipeline.core.errors import InputError
 
 __all__ = [
-    "ANAT_METRICS",
     "ACQUISITION_METRICS",
+    "ANATOMY_METRICS",
+    "ANAT_METRICS",
     "ANAT_MODALITIES",
     "DIRECTION",
     "NOT_REFERENCED",

@@ -416,7 +416,8 @@ class QCConfig:
     # whose inner false-reject rate on clean + mild stays <= 0.03); see benchmarks/README.md for what they reach.
     reference_z_limit: float = 8.0
     # The dataset rule's limit, chosen the same way on the corpus' groups of 5-9 clean scans (NiChart, ds000011,
-    # with the rule's minimum lowered to 5 there); at that size the rule rejects mild copies, so it needs 10.
+    # with the rule's minimum lowered to 5 there). At that size the rule rejects mild copies, and 9 % of clean
+    # FLAIRs in groups of 5 (0 from 8 scans), so it needs 10.
     outlier_k: float = 3.5
     outlier_min_group: int = 5
     outlier_rule_min_group: int = 10
