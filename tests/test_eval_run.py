@@ -121,7 +121,7 @@ def test_embeddings_are_cached_and_random_encoder_differs(setup):
     assert len(list(cache.iterdir())) == 2
     # Routing counts: every token of every window assigned top_k times.
     T, patch, k = enc.cfg.fmri.num_frames, enc.cfg.fmri.patch, enc.cfg.moe.top_k
-    assert first.routing[0].sum() == 48 * 1 * R * (T // patch) * k  # 100 frames -> one 64-frame window
+    assert first.routing[0].sum() == 48 * 2 * R * (T // patch) * k  # 100 frames -> two 64-frame windows, overlapping
 
 
 def test_cli_kfold_regression_and_errors(setup, capsys):
@@ -274,3 +274,18 @@ def test_cli_finetuning_is_compared_with_a_randomly_initialised_encoder_fine_tun
     table = pd.read_csv(out / "predictions.tsv", sep="\t")
     pre, rnd = (table.filter(like=f"{m}__p_").to_numpy() for m in ("moe_jepa_finetune", "random_encoder_finetune"))
     assert pre.shape == rnd.shape and not np.allclose(pre, rnd)  # two different starting points
+
+
+def test_windows_cover_every_frame_of_the_run():
+    """The readouts see the whole run, as connectivity does: ABIDE's 176-frame NYU runs in 96-frame windows were
+    read from their first 96 frames only."""
+    from pipeline.evaluation.embed import _windows
+
+    for n, T, expected in ((176, 96, 2), (146, 96, 2), (96, 96, 1), (296, 96, 4), (60, 96, 1)):
+        x_RT = np.arange(n, dtype=float)[None].repeat(3, 0)
+        wins = _windows(x_RT, T, 8)
+        assert len(wins) == expected
+        assert all(w.shape == (3, min(n, T)) for w in wins)
+        assert set(np.concatenate([w[0] for w in wins]).astype(int)) == set(range(n))
+    wins = _windows(np.arange(1000, dtype=float)[None], 96, 2)  # more windows needed than allowed: evenly spread
+    assert [int(w[0, 0]) for w in wins] == [0, 904]

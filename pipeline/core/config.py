@@ -526,9 +526,9 @@ class EvaluateConfig:
     training fold. Confidence intervals come from ``bootstrap_resamples``
     subject-level bootstrap resamples; the model is compared with the best
     baseline by a paired permutation test with ``permutations`` label-free
-    swaps of the two models' predictions. fMRI runs are embedded in up to
-    ``max_windows`` consecutive windows of the run's ``fmri.num_frames``,
-    averaged. ``baselines`` picks from ``fc_pearson``, ``fc_tangent``,
+    swaps of the two models' predictions. fMRI runs are embedded in windows
+    of the run's ``fmri.num_frames`` that cover the whole run (overlapping
+    where needed, at most ``max_windows``), averaged. ``baselines`` picks from ``fc_pearson``, ``fc_tangent``,
     ``random_encoder`` (fMRI) and ``random_encoder``, ``intensity_pca``,
     ``cnn3d`` (structural); ``threads`` is torch's CPU thread count and the
     tangent baseline's worker count (0 = every usable core; BLAS runs one thread).

@@ -14,7 +14,8 @@ what pretraining saw: fMRI windows of ``fmri.num_frames`` frames z-scored per
 ROI, positioned by the *run's* gradient coordinates (supplied by the caller,
 see :func:`pipeline.evaluation.run.positioning_gradients`); volumes cropped to
 ``anat.volume_shape`` and percentile-scaled. A run longer than one window is
-cut into up to ``max_windows`` consecutive windows whose embeddings are averaged.
+cut into windows that cover it (overlapping where needed, at most
+``max_windows``) whose embeddings are averaged.
 
 Embeddings: the mean over all tokens (``pooled_ND``) and, for the per-ROI
 readouts and the attentive probe, per-ROI tokens averaged over time patches
@@ -187,11 +188,16 @@ def read_shard_samples(shards_dir: str | Path, target: str | None, *, store: str
 
 
 def _windows(x_RT: np.ndarray, T: int, max_windows: int) -> list[np.ndarray]:
-    """Up to ``max_windows`` consecutive, evenly spread ``T``-frame windows (the whole run when shorter)."""
+    """Evenly spread ``T``-frame windows that cover the whole run (the run itself when shorter than ``T``).
+
+    ``ceil(n / T)`` windows, overlapping where ``n`` is not a multiple of ``T``, so that every frame is
+    seen, as the connectivity baselines see every frame (a 176-frame run in 96-frame windows is two
+    windows, not the first 96 frames); at most ``max_windows``, evenly spread when a run needs more.
+    """
     n = x_RT.shape[1]
     if n <= T:
         return [x_RT]
-    count = min(max_windows, n // T)
+    count = min(max_windows, -(-n // T))
     starts = np.linspace(0, n - T, count).round().astype(int) if count > 1 else [(n - T) // 2]
     return [x_RT[:, s:s + T] for s in starts]
 
@@ -219,7 +225,7 @@ def _cache_key(enc: LoadedEncoder, samples: ShardSamples, gradients_Rk: np.ndarr
         "random": enc.random_init, "seed": seed if enc.random_init else 0,
         "samples": samples.fingerprint, "store": samples.store, "max_windows": max_windows,
         "gradients": hashlib.sha256(np.ascontiguousarray(gradients_Rk).tobytes()).hexdigest() if gradients_Rk is not None else "",
-        "version": 2,
+        "version": 3,  # 3: windows cover the whole run
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
