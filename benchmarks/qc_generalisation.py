@@ -572,13 +572,16 @@ def _dataset_max_z(test: pd.DataFrame, reference: pd.DataFrame) -> np.ndarray:
                       & (clean["scan"] != c["scan"])]
         if len(peers) + 1 < qc.outlier_rule_min_group:
             continue
-        group = pd.concat([peers, c.to_frame().T], ignore_index=True)
-        group = group[["modality", "source", *metric_cols]].rename(columns={"source": "site"})
-        for m in metric_cols:
-            group[m] = pd.to_numeric(group[m], errors="coerce")
+        group = _site_group(pd.concat([peers, c.to_frame().T], ignore_index=True), metric_cols)
         z = dataset_rule_z(group, reference, qc).iloc[-1]
         out[i] = float(z.max()) if z.notna().any() else np.nan
     return out
+
+
+def _site_group(cases: pd.DataFrame, metric_cols: list[str]) -> pd.DataFrame:
+    """``cases`` as the dataset layer reads one site: modality, ``site`` (their source) and numeric metrics."""
+    group = cases[["modality", "source", *metric_cols]].rename(columns={"source": "site"})
+    return group.astype({m: float for m in metric_cols})
 
 
 def _fold_scores(train: pd.DataFrame, test: pd.DataFrame) -> dict:
@@ -652,10 +655,6 @@ def _rule_qc():
     return dataclasses.replace(qc, outlier_rule_min_group=RULE_MIN_GROUP) if RULE_MIN_GROUP else qc
 
 
-def _rule_min_group() -> int:
-    return _rule_qc().outlier_rule_min_group
-
-
 def _shipped_operating() -> Operating:
     from pipeline.core.config import QCConfig
 
@@ -701,7 +700,7 @@ def evaluate(df: pd.DataFrame) -> None:
 
     judged = loso["dz"].notna().to_numpy()
     print(f"\ndataset layer alone, on the {int(judged.sum())} cases in site groups of at least "
-          f"{_rule_min_group()} clean scans (LOSO | in-sample | LOSO at the shipped limit):")
+          f"{_rule_qc().outlier_rule_min_group} clean scans (LOSO | in-sample | LOSO at the shipped limit):")
     for s in [None, *sources]:
         m = judged & ((df["source"] == s).to_numpy() if s else True)
         if not m.any():
@@ -783,7 +782,7 @@ def dataset_rule_by_group_size(df: pd.DataFrame) -> None:
                 qc = dataclasses.replace(shipped, outlier_rule_min_group=n, outlier_scale_floor=floor)
                 fails = total = 0
                 for subset in itertools.combinations(g.index, n):
-                    group = g.loc[list(subset), ["modality", "source", *metric_cols]].rename(columns={"source": "site"})
+                    group = _site_group(g.loc[list(subset)], metric_cols)
                     fails += int((dataset_rule_z(group, reference, qc) > qc.outlier_k).any(axis=1).sum())
                     total += n
                 line.append(f"n {n}: {fails / total:.3f}")

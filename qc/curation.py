@@ -355,18 +355,16 @@ def _rule_failures(df: pd.DataFrame, judged: pd.DataFrame, qc: QCConfig, metric_
                     f"other scanners (robust z {z:.1f}, limit {qc.reference_z_limit:g})"
                     for m, z in ref_failed
                 ]
-            site = str(row["site"])
-            if site != "unknown" and group_size[idx] >= qc.outlier_rule_min_group:
-                zs = site_z.loc[idx]
-                site_failed = [(m, float(zs[m])) for m in site_z.columns if pd.notna(zs[m]) and zs[m] > qc.outlier_k]
-                if site_failed:
-                    layers.append("dataset")
-                    failed += [f"site:{m} z={z:.1f}>{qc.outlier_k:g}" for m, z in site_failed]
-                    reasons += [
-                        f"dataset: {_words(m)} is an outlier among the {int(group_size[idx])} {modality} scans of site "
-                        f"{site} (robust z {z:.1f}, limit {qc.outlier_k:g})"
-                        for m, z in site_failed
-                    ]
+            # NaN (never above the limit) where the rule does not apply: unknown site, group too small.
+            site_failed = [(m, float(z)) for m, z in site_z.loc[idx].items() if z > qc.outlier_k]
+            if site_failed:
+                layers.append("dataset")
+                failed += [f"site:{m} z={z:.1f}>{qc.outlier_k:g}" for m, z in site_failed]
+                reasons += [
+                    f"dataset: {_words(m)} is an outlier among the {int(group_size[idx])} {modality} scans of site "
+                    f"{row['site']} (robust z {z:.1f}, limit {qc.outlier_k:g})"
+                    for m, z in site_failed
+                ]
             p = p_artifact[i]
             if np.isfinite(p) and p >= qc.classifier_threshold:
                 layers.append("classifier")
