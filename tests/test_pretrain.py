@@ -351,6 +351,38 @@ def test_regulariser_is_trained_and_logged(tmp_path):
     assert all("target_spread" in h and "var_loss" not in h for h in plain)
 
 
+def test_teacher_init_share_is_the_product_of_the_momenta(tmp_path):
+    from pipeline.pretrain.train import ema_momentum, stale_teacher_warning, teacher_init_share
+
+    # I-JEPA's schedule trains the teacher; the slow teacher over 1600 steps leaves it two thirds initialisation
+    assert teacher_init_share((0.996, 1.0), 1600, 1600) == pytest.approx(0.0405, abs=1e-3)
+    assert teacher_init_share((0.9995, 1.0), 1600, 1600) == pytest.approx(0.670, abs=1e-3)
+    assert teacher_init_share((0.9, 1.0), 10, 0) == 1.0
+    assert teacher_init_share((0.9, 1.0), 10, 3) == pytest.approx(0.9 * 0.91 * 0.92)
+    assert ema_momentum((0.9, 1.0), 10, 3) == pytest.approx(0.93) and ema_momentum((0.9, 1.0), 10, 50) == 1.0
+    # the trainer logs the same running product, also across a resume
+    cfg = _cfg(max_steps=4)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema=(0.9, 1.0), checkpoint_every=2))
+    Trainer(cfg, _fmri_data(), tmp_path, progress=False).fit(max_steps=2)
+    hist = Trainer(cfg, _fmri_data(), tmp_path, progress=False).fit()
+    assert [h["step"] for h in hist] == [3, 4]
+    assert hist[-1]["teacher_init"] == pytest.approx(teacher_init_share((0.9, 1.0), 4, 4))
+    assert stale_teacher_warning(hist, (0.9, 1.0)) is not None  # 0.9 * 0.925 * 0.95 * 0.975 = 0.77
+    text = stale_teacher_warning([{"step": 1600, "teacher_init": 0.67}], (0.9995, 1.0))
+    assert "still 67% its random initialisation after 1600 steps" in text and "[0.9995, 1.0]" in text
+    assert stale_teacher_warning([{"step": 1600, "teacher_init": 0.04}], (0.996, 1.0)) is None
+
+
+@pytest.mark.parametrize("name", ["small", "base", "cpu", "cpu_dense", "gpu", "anat_small"])
+def test_recipes_end_with_a_trained_teacher(name):
+    # evaluate reads the EMA target encoder: a recipe must not leave it mostly its random initialisation
+    # (the smoke configs tiny / anat_tiny run 50 steps and are exempt)
+    from pipeline.pretrain.train import STALE_TEACHER_SHARE, teacher_init_share
+
+    t = load_pretrain_config(name).train
+    assert teacher_init_share(t.ema, t.max_steps, t.max_steps) <= STALE_TEACHER_SHARE
+
+
 def test_collapse_warning_names_the_spread():
     from pipeline.pretrain.train import collapse_warning
 

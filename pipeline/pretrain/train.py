@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,8 +41,8 @@ from pipeline.pretrain.config import PretrainConfig
 from pipeline.pretrain.moe import moe_stats, update_router_biases
 from pipeline.pretrain.vit import JEPA
 
-__all__ = ["COLLAPSE_SPREAD", "SampleStream", "Trainer", "build_collator", "build_model", "collapse_warning", "loader_config",
-           "lr_lambda"]
+__all__ = ["COLLAPSE_SPREAD", "STALE_TEACHER_SHARE", "SampleStream", "Trainer", "build_collator", "build_model",
+           "collapse_warning", "ema_momentum", "loader_config", "lr_lambda", "stale_teacher_warning", "teacher_init_share"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,26 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ema_momentum(ema: tuple[float, ...], max_steps: int, step: int) -> float:
+    """EMA momentum of the update after optimizer step ``step`` (0-based): linear from ``ema[0]`` to ``ema[1]``."""
+    lo, hi = ema
+    return lo + (hi - lo) * min(1.0, step / max(1, max_steps))
+
+
+def teacher_init_share(ema: tuple[float, ...], max_steps: int, steps: int) -> float:
+    """Share of the EMA target encoder that is still its random initialisation after ``steps`` updates.
+
+    The target is ``prod(m_s) * theta_0 + sum_s w_s * theta_s`` over the momenta ``m_s`` of
+    :func:`ema_momentum`, so ``prod(m_s)`` of it is the initial weights whatever training did. It is
+    a property of the schedule alone: with I-JEPA's ``[0.996, 1]`` over 1600 steps it is 0.04; with
+    a slow teacher ``[0.9995, 1]`` it is 0.67, and the target encoder that ``evaluate`` reads is
+    then mostly the random encoder it is compared with.
+    """
+    s = np.arange(max(int(steps), 0))
+    lo, hi = ema
+    return float(np.exp(np.log(lo + (hi - lo) * np.minimum(1.0, s / max(1, max_steps))).sum()))
 
 
 class SampleStream:
@@ -205,6 +226,7 @@ class Trainer:
         self.collator = build_collator(cfg, t.seed + 7919 * self.rank)
         self.stream = SampleStream(dataset)
         self.step = 0
+        self._teacher_init: float | None = None  # running teacher_init_share; recomputed once after a resume
         self.progress = progress
         if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
             self.load(ckpt)
@@ -288,8 +310,7 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def momentum(self) -> float:
-        lo, hi = self.cfg.train.ema
-        return lo + (hi - lo) * min(1.0, self.step / max(1, self.cfg.train.max_steps))
+        return ema_momentum(self.cfg.train.ema, self.cfg.train.max_steps, self.step)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer step; returns the step's logs."""
@@ -306,7 +327,9 @@ class Trainer:
         momentum = self.momentum()
         self.model.update_target(momentum)
         self.step += 1
-        out = {"loss": float(loss.detach()), "lr": lr, "momentum": momentum}
+        self._teacher_init = (teacher_init_share(t.ema, t.max_steps, self.step) if self._teacher_init is None
+                              else self._teacher_init * momentum)
+        out = {"loss": float(loss.detach()), "lr": lr, "momentum": momentum, "teacher_init": self._teacher_init}
         out.update({k: float(v) for k, v in logs.items()})
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
@@ -316,7 +339,9 @@ class Trainer:
         """Train until ``max_steps`` (default ``train.max_steps``); returns every step's logs.
 
         Every ``log_every`` steps rank 0 appends to ``metrics.jsonl``: loss,
-        lr, EMA momentum, grad norm, ``tokens_per_s`` (context + target
+        lr, EMA momentum, ``teacher_init`` (:func:`teacher_init_share`, the
+        share of the target encoder that is still its initialisation), grad
+        norm, ``tokens_per_s`` (context + target
         tokens of all ranks per second) and, per MoE layer ``i`` of the
         encoder, ``moe/i/load_max_mean``, ``moe/i/entropy`` and
         ``moe/i/dropped``.
@@ -351,9 +376,9 @@ class Trainer:
                 crash_point("pretrain.checkpoint_saved")
         if bar is not None:
             bar.close()
-        warning = collapse_warning(history)
-        if warning and self.rank == 0:
-            log.warning("%s: %s", self.run_dir, warning)
+        for warning in (collapse_warning(history), stale_teacher_warning(history, t.ema)):
+            if warning and self.rank == 0:
+                log.warning("%s: %s", self.run_dir, warning)
         return history
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -377,6 +402,24 @@ def collapse_warning(history: list[dict[str, float]], window: int = 20) -> str |
     return (f"the encoder has collapsed (target_spread {spread:.3f} < {COLLAPSE_SPREAD:g}: its tokens are nearly one "
             "vector, so a low JEPA loss says little); a slower teacher ([train] ema starting closer to 1, e.g. "
             "0.9995 as the cpu recipe) or [model] var_reg / cov_reg work against it")
+
+
+#: ``teacher_init`` above which the target encoder counts as mostly untrained.
+STALE_TEACHER_SHARE = 0.5
+
+
+def stale_teacher_warning(history: list[dict[str, float]], ema: tuple[float, ...]) -> str | None:
+    """Words for the user when the run ends with ``teacher_init`` above :data:`STALE_TEACHER_SHARE`.
+
+    ``evaluate`` reads the EMA target encoder. When most of it is still its initialisation, a
+    comparison with a randomly initialised encoder compares the initialisation with itself.
+    """
+    shares = [h["teacher_init"] for h in history if "teacher_init" in h]
+    if not shares or shares[-1] <= STALE_TEACHER_SHARE:
+        return None
+    return (f"the target encoder, which 'neurocurate evaluate' reads, is still {shares[-1]:.0%} its random "
+            f"initialisation after {int(history[-1]['step'])} steps: the EMA teacher ([train] ema = "
+            f"{list(ema)}) barely followed the trained encoder; train longer or start the ema lower")
 
 
 def _logged_step(line: str) -> float:
