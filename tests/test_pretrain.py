@@ -383,6 +383,20 @@ def test_recipes_end_with_a_trained_teacher(name):
     assert teacher_init_share(t.ema, t.max_steps, t.max_steps) <= STALE_TEACHER_SHARE
 
 
+def test_content_gain_against_the_position_mean(tmp_path):
+    from pipeline.pretrain.vit import content_gain
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(50, 8, generator=g)
+    mean = target + torch.randn(50, 8, generator=g)
+    assert float(content_gain(target, target, mean)) == pytest.approx(1.0)
+    assert float(content_gain(mean, target, mean)) == pytest.approx(0.0)
+    assert float(content_gain(target + 2 * (mean - target), target, mean)) == pytest.approx(-3.0)
+    # every training step with more than one sample logs it
+    hist = Trainer(_cfg(max_steps=2), _fmri_data(), tmp_path, progress=False).fit()
+    assert all("content_gain" in h and h["content_gain"] < 1.0 for h in hist)
+
+
 def test_collapse_warning_names_the_spread():
     from pipeline.pretrain.train import collapse_warning
 

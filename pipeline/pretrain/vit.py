@@ -24,6 +24,7 @@ __all__ = [
     "Predictor",
     "Transformer",
     "TransformerConfig",
+    "content_gain",
     "gather_tokens",
     "sincos_1d",
     "sincos_3d",
@@ -193,6 +194,19 @@ def token_spread(h_ND: torch.Tensor) -> torch.Tensor:
     return h_ND.float().std(0).mean()
 
 
+def content_gain(pred_ND: torch.Tensor, target_ND: torch.Tensor, baseline_ND: torch.Tensor) -> torch.Tensor:
+    """``1 - |pred - target|^2 / |baseline - target|^2``: how much better the predictions are than ``baseline``.
+
+    With the baseline set to the mean target of each token position over the *other* samples of the
+    batch, this is the share of the subject- and time-specific content of the masked tokens that the
+    predictor explains: 0 when it has learnt only what every sample has at that position (a JEPA
+    loss can fall a long way that way), 1 for perfect predictions, negative when worse than that mean.
+    """
+    err = (pred_ND.float() - target_ND.float()).pow(2).sum()
+    ref = (baseline_ND.float() - target_ND.float()).pow(2).sum()
+    return 1.0 - err / ref.clamp_min(1e-12)
+
+
 def vicreg_terms(z_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """VICReg's variance hinge and covariance penalty over ``N`` token embeddings of width ``D``.
 
@@ -219,7 +233,10 @@ class JEPA(nn.Module):
     ``weight`` ``[B, M]`` (per-target-token loss weights, mean 1 per sample).
     ``var_reg`` / ``cov_reg`` weight :func:`vicreg_terms` of the context tokens
     (0 = the plain I-JEPA objective). Every step logs ``target_spread``
-    (:func:`token_spread` of the layer-normed targets), the collapse monitor.
+    (:func:`token_spread` of the layer-normed targets), the collapse monitor,
+    and with more than one sample ``content_gain`` (:func:`content_gain` against
+    each position's mean target over the other samples), whether the predictor
+    has learnt anything beyond the population mean of a position.
     """
 
     def __init__(self, encoder: nn.Module, predictor: Predictor, predictor_pos: nn.Module, loss: str,
@@ -258,6 +275,10 @@ class JEPA(nn.Module):
         aux = self.encoder.aux_loss()
         total = jepa_loss if aux is None else jepa_loss + aux
         logs = {"jepa_loss": jepa_loss.detach(), "target_spread": token_spread(h_BLD.flatten(0, 1)).detach()}
+        if h_BLD.shape[0] > 1:
+            with torch.no_grad():  # the position's mean target over the other samples of the batch
+                others_BLD = (h_BLD.sum(0, keepdim=True) - h_BLD) / (h_BLD.shape[0] - 1)
+                logs["content_gain"] = content_gain(pred_BMD.detach(), target_BMD, gather_tokens(others_BLD, tgt_BM))
         if aux is not None:
             logs["aux_loss"] = aux.detach()
         if self.var_reg > 0 or self.cov_reg > 0:
