@@ -392,6 +392,12 @@ def test_content_gain_against_the_position_mean(tmp_path):
     assert float(content_gain(target, target, mean)) == pytest.approx(1.0)
     assert float(content_gain(mean, target, mean)) == pytest.approx(0.0)
     assert float(content_gain(target + 2 * (mean - target), target, mean)) == pytest.approx(-3.0)
+    # the mean of 15 other samples: a predictor that knows the population mean scores 0, not 1/16
+    pop = torch.zeros(20000, 4)
+    sample = torch.randn(20000, 4, generator=g)
+    others = pop + torch.randn(20000, 4, generator=g) / 15 ** 0.5
+    assert float(content_gain(pop, sample, others, baseline_n=15)) == pytest.approx(0.0, abs=0.02)
+    assert float(content_gain(pop, sample, others)) == pytest.approx(1 / 16, abs=0.02)
     # every training step with more than one sample logs it
     hist = Trainer(_cfg(max_steps=2), _fmri_data(), tmp_path, progress=False).fit()
     assert all("content_gain" in h and h["content_gain"] < 1.0 for h in hist)

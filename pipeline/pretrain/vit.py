@@ -194,16 +194,22 @@ def token_spread(h_ND: torch.Tensor) -> torch.Tensor:
     return h_ND.float().std(0).mean()
 
 
-def content_gain(pred_ND: torch.Tensor, target_ND: torch.Tensor, baseline_ND: torch.Tensor) -> torch.Tensor:
+def content_gain(pred_ND: torch.Tensor, target_ND: torch.Tensor, baseline_ND: torch.Tensor,
+                 baseline_n: int | None = None) -> torch.Tensor:
     """``1 - |pred - target|^2 / |baseline - target|^2``: how much better the predictions are than ``baseline``.
 
-    With the baseline set to the mean target of each token position over the *other* samples of the
-    batch, this is the share of the subject- and time-specific content of the masked tokens that the
-    predictor explains: 0 when it has learnt only what every sample has at that position (a JEPA
-    loss can fall a long way that way), 1 for perfect predictions, negative when worse than that mean.
+    With the baseline set to the mean target of each token position over the ``baseline_n`` *other*
+    samples of the batch, this is the share of the subject- and time-specific content of the masked
+    tokens that the predictor explains: 0 when it has learnt only what every sample has at that
+    position (a JEPA loss can fall a long way that way), 1 for perfect predictions, negative when
+    worse. A mean of ``n`` samples misses the population mean by ``1 / n`` of the spread on average,
+    so with ``baseline_n`` the reference error is divided by ``1 + 1 / baseline_n``: a predictor
+    that knows the population mean exactly then scores 0 whatever the batch size, not ``1 / B``.
     """
     err = (pred_ND.float() - target_ND.float()).pow(2).sum()
     ref = (baseline_ND.float() - target_ND.float()).pow(2).sum()
+    if baseline_n is not None:
+        ref = ref / (1.0 + 1.0 / baseline_n)
     return 1.0 - err / ref.clamp_min(1e-12)
 
 
@@ -278,7 +284,8 @@ class JEPA(nn.Module):
         if h_BLD.shape[0] > 1:
             with torch.no_grad():  # the position's mean target over the other samples of the batch
                 others_BLD = (h_BLD.sum(0, keepdim=True) - h_BLD) / (h_BLD.shape[0] - 1)
-                logs["content_gain"] = content_gain(pred_BMD.detach(), target_BMD, gather_tokens(others_BLD, tgt_BM))
+                logs["content_gain"] = content_gain(pred_BMD.detach(), target_BMD, gather_tokens(others_BLD, tgt_BM),
+                                                    baseline_n=h_BLD.shape[0] - 1)
         if aux is not None:
             logs["aux_loss"] = aux.detach()
         if self.var_reg > 0 or self.cov_reg > 0:
