@@ -283,9 +283,9 @@ class JEPA(nn.Module):
         logs = {"jepa_loss": jepa_loss.detach(), "target_spread": token_spread(h_BLD.flatten(0, 1)).detach()}
         if h_BLD.shape[0] > 1:
             with torch.no_grad():  # the position's mean target over the other samples of the batch
-                others_BLD = (h_BLD.sum(0, keepdim=True) - h_BLD) / (h_BLD.shape[0] - 1)
-                logs["content_gain"] = content_gain(pred_BMD.detach(), target_BMD, gather_tokens(others_BLD, tgt_BM),
-                                                    baseline_n=h_BLD.shape[0] - 1)
+                total_BMD = gather_tokens(h_BLD.sum(0, keepdim=True).expand_as(h_BLD), tgt_BM)
+                others_BMD = (total_BMD - target_BMD) / (h_BLD.shape[0] - 1)
+                logs["content_gain"] = content_gain(pred_BMD.detach(), target_BMD, others_BMD, baseline_n=h_BLD.shape[0] - 1)
         if aux is not None:
             logs["aux_loss"] = aux.detach()
         if self.var_reg > 0 or self.cov_reg > 0:
