@@ -43,6 +43,10 @@ class ModelConfig:
     representation collapse, which the ``target_spread`` training log shows. On
     ABIDE (benchmarks/README.md, issue 14) 1 : 0.04 kept the tokens apart but
     lowered the readouts that carry signal, so every shipped config has 0.
+    ``pred_distance_bias`` > 0 biases the predictor's attention towards the
+    context tokens positioned nearest to each token, with that initial slope
+    (:class:`pipeline.pretrain.vit.Attention`); 0 = plain I-JEPA attention,
+    with which a small predictor learnt only each position's mean target.
     """
 
     modality: Literal["fmri", "anat"] = "fmri"
@@ -54,6 +58,7 @@ class ModelConfig:
     pred_depth: int = 4
     pred_heads: int = 4
     loss: Literal["smooth_l1", "l1", "mse"] = "smooth_l1"
+    pred_distance_bias: float = 0.0
     var_reg: float = 0.0
     cov_reg: float = 0.0
 
@@ -185,6 +190,8 @@ def _validate(cfg: PretrainConfig, where: str) -> PretrainConfig:
     if cfg.model.var_reg < 0 or cfg.model.cov_reg < 0:
         raise ConfigError(f"{where}: model.var_reg and model.cov_reg must be >= 0 (0 = off), "
                           f"got {cfg.model.var_reg} and {cfg.model.cov_reg}")
+    if m.pred_distance_bias < 0:
+        raise ConfigError(f"{where}: model.pred_distance_bias must be >= 0 (0 = off), got {m.pred_distance_bias}")
     if not 0.0 < f.edge_zone < 0.5:
         raise ConfigError(f"{where}: fmri.edge_zone must be in (0, 0.5), got {f.edge_zone}")
     if f.num_frames // max(f.patch, 1) < 3:

@@ -88,5 +88,6 @@ class FMRIEncoder(nn.Module):
 def build_fmri_jepa(cfg: PretrainConfig) -> JEPA:
     """Brain-JEPA model for ``cfg`` (predictor dense and narrow)."""
     m = cfg.model
-    predictor = Predictor(m.dim, TransformerConfig(m.pred_dim, m.pred_depth, m.pred_heads, m.mlp_ratio, None))
+    predictor = Predictor(m.dim, TransformerConfig(m.pred_dim, m.pred_depth, m.pred_heads, m.mlp_ratio, None,
+                                                   m.pred_distance_bias))
     return JEPA(FMRIEncoder(cfg), predictor, FMRIPositions(cfg.fmri.gradient_dim, m.pred_dim, cfg.fmri.patch), m.loss, m.var_reg, m.cov_reg)

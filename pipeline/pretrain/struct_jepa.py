@@ -70,5 +70,6 @@ class StructEncoder(nn.Module):
 def build_struct_jepa(cfg: PretrainConfig) -> JEPA:
     """Neuro-JEPA model for ``cfg``."""
     m = cfg.model
-    predictor = Predictor(m.dim, TransformerConfig(m.pred_dim, m.pred_depth, m.pred_heads, m.mlp_ratio, None))
+    predictor = Predictor(m.dim, TransformerConfig(m.pred_dim, m.pred_depth, m.pred_heads, m.mlp_ratio, None,
+                                                   m.pred_distance_bias))
     return JEPA(StructEncoder(cfg), predictor, StructPositions(cfg.anat.patch, m.pred_dim), m.loss, m.var_reg, m.cov_reg)
