@@ -232,7 +232,8 @@ def gpu_figures(B: int, R: int, steps: int, device: str = "cuda") -> dict[str, f
     # 2 for the no-grad target encoder pass over all tokens; attention matmuls added.
     D, Dp, depth, pdepth = cfg.model.dim, cfg.model.pred_dim, cfg.model.depth, cfg.model.pred_depth
     flops = B * (6 * enc_active * C + 2 * enc_active * L + 6 * pred * (C + M))
-    flops += B * (3 * 4 * depth * C * C * D + 4 * depth * L * L * D + 3 * 4 * pdepth * (C + M) ** 2 * Dp)
+    keys = C if cfg.model.pred_distance_bias > 0 else C + M  # with the distance bias only the context is keys
+    flops += B * (3 * 4 * depth * C * C * D + 4 * depth * L * L * D + 3 * 4 * pdepth * (C + M) * keys * Dp)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     out = {"tokens_per_s": B * L / dt, "step_s": dt, "tflops": flops / dt / 1e12}
