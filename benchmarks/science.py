@@ -214,6 +214,8 @@ def _sign(difference: float) -> str:
 
 
 def _report(target: str, evals, work: Path, permutations: int, finetune_epochs: int) -> None:
+    from pipeline.evaluation.metrics import holm_adjust
+
     out = {tag: _eval_dir(work, target, tag, finetune_epochs) for tag, *_ in evals}
     main_table, res = _preds(out["moe"])
     classes = res["classes"]
@@ -226,7 +228,9 @@ def _report(target: str, evals, work: Path, permutations: int, finetune_epochs: 
     print(f"\n== {target}: leave-site-out over {', '.join(f['name'].removeprefix('site-') for f in res['folds'])}; "
           f"{res['n_tested']} subjects; positive class {positive}; checkpoint step {res['step']}; "
           f"evaluation {res['seconds']['total']:.0f} s")
-    print(f"{'model':32s} {'AUROC [95% CI]':22s} {'/best FC':>8s} {'p vs random (same readout)':>27s} {'p vs ' + best_fc:>18s}")
+    print(f"{'model':32s} {'AUROC [95% CI]':22s} {'/best FC':>8s} {'p vs random (same readout)':>27s} {'Holm':>6s} "
+          f"{'p vs ' + best_fc:>18s}")
+    rows, vs_random = [], {}
     for name, info in models.items():
         a = auc(info)
         line = f"{name:32s} {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}] {a['value'] / best_val:8.2f}"
@@ -237,10 +241,18 @@ def _report(target: str, evals, work: Path, permutations: int, finetune_epochs: 
             rand = f"random_encoder_{readout}" if f"random_encoder_{readout}" in models else "random_encoder_roi"
             if rand in models:
                 t = _paired(main_table, col(name), main_table, col(rand), positive, permutations)
+                vs_random[name] = t
                 p_rand = f"{t['p_value']:.4f} ({_sign(t['difference'])} vs {rand.removeprefix('random_encoder_')})"
             t = _paired(main_table, col(name), main_table, col(best_fc), positive, permutations)
             p_fc = f"{t['p_value']:.4f} ({_sign(t['difference'])})"
-        print(f"{line} {p_rand:>27s} {p_fc:>18s}")
+        rows.append((name, line, p_rand, p_fc))
+    # every readout is a try at beating the random encoder: Holm over them (family-wise, per target)
+    holm = dict(zip(vs_random, holm_adjust([t["p_value"] for t in vs_random.values()]))) if vs_random else {}
+    for name, line, p_rand, p_fc in rows:
+        print(f"{line} {p_rand:>27s} {f'{holm[name]:.3f}' if name in holm else '':>6s} {p_fc:>18s}")
+    wins = [n.removeprefix("moe_jepa_") for n, t in vs_random.items() if t["difference"] > 0 and holm[n] < 0.05]
+    print(f"pretrained beats the random encoder (Holm-adjusted p < 0.05 over {len(vs_random)} readouts): "
+          f"{', '.join(wins) if wins else 'no readout'}")
     if "dense" in out:
         dense_table, dres = _preds(out["dense"])
         print(f"-- MoE vs dense (equal active parameters), same readouts, step {dres['step']}")

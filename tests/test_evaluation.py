@@ -483,3 +483,15 @@ def test_fold_mean_is_free_of_the_offsets_that_pooling_leave_site_out_adds():
     assert info["metrics"]["auroc"]["value"] < 0.35
     assert abs(info["fold_mean"]["auroc"] - 0.5) < 0.1
     assert set(info["per_fold"]) == {f.name for f in folds}
+
+
+def test_holm_adjustment_controls_the_family_of_readouts():
+    from pipeline.evaluation.metrics import holm_adjust
+
+    assert holm_adjust([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])
+    # session 12's diagnosis readouts vs the random encoder: 0.013 alone, 0.065 among five
+    adj = holm_adjust([0.929, 0.911, 0.013, 0.836, 0.886])
+    assert adj[2] == pytest.approx(0.065) and adj.max() <= 1.0 and np.all(adj >= [0.929, 0.911, 0.013, 0.836, 0.886])
+    assert holm_adjust([]).shape == (0,)
+    with pytest.raises(ValueError, match="p-values must be"):
+        holm_adjust([0.5, 1.5])

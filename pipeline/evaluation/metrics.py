@@ -24,6 +24,7 @@ __all__ = [
     "bootstrap_ci",
     "classification_metrics",
     "higher_is_better",
+    "holm_adjust",
     "paired_permutation_test",
     "primary_metric",
     "regression_metrics",
@@ -282,3 +283,26 @@ def paired_permutation_test(y: np.ndarray, score_a: np.ndarray, score_b: np.ndar
         if abs(diff(pa, pb)) >= abs(observed) - 1e-12:
             hits += 1
     return {"difference": float(observed), "p_value": (1 + hits) / (1 + n_permutations), "n_permutations": int(n_permutations)}
+
+
+def holm_adjust(p_values: list[float] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of ``m`` p-values for testing them together (family-wise error).
+
+    The ``i``-th smallest p-value is multiplied by ``m - i`` (``i`` from 0) and the results made
+    non-decreasing in that order and capped at 1; a hypothesis is rejected at level ``alpha``
+    when its adjusted p-value is below ``alpha``. Returned in the input order.
+
+    Examples
+    --------
+    >>> holm_adjust([0.01, 0.04, 0.03]).round(3).tolist()
+    [0.03, 0.06, 0.06]
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1 or np.any((p < 0) | (p > 1)):
+        raise ValueError(f"p-values must be a 1-d sequence in [0, 1], got {p_values!r}")
+    order = np.argsort(p, kind="stable")
+    m = len(p)
+    scaled = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
+    out = np.empty(m)
+    out[order] = scaled
+    return out
