@@ -427,6 +427,13 @@ def test_distance_bias_attends_to_the_nearest_position_and_never_to_mask_tokens(
     nearest = [0, 1, 2, 3, 0, 3]
     assert torch.allclose(out_BND, attn.proj(v_BND[:, nearest]), atol=1e-4)
     assert attn.beta_h.detach().tolist() == pytest.approx([200.0, 20.0])
+    # a soft kernel equals softmax(q k^T / sqrt(d) - beta * dist) v over the 4 keys, per head
+    soft = Attention(8, 2, distance_bias=0.5)
+    dist_NK = torch.cdist(pos_NP, pos_NP[:4]).pow(2)
+    q, k, v = soft.qkv(x_BND)[0].reshape(6, 3, 2, 4).unbind(1)  # each [N, h, d]
+    logits_hNK = torch.einsum("nhd,khd->hnk", q, k[:4]) / 2.0 - soft.beta_h.abs()[:, None, None] * dist_NK
+    ref_NhD = torch.einsum("hnk,khd->nhd", logits_hNK.softmax(-1), v[:4]).reshape(1, 6, 8)
+    assert torch.allclose(soft(x_BND, dist_NK[None]), soft.proj(ref_NhD), atol=1e-5)
     # in the predictor a target's prediction depends on the context and its own position only
     pred = Predictor(16, TransformerConfig(8, 2, 2, 2.0, None, distance_bias=3.0))
     init_weights(pred)
