@@ -400,8 +400,9 @@ def collapse_warning(history: list[dict[str, float]], window: int = 20) -> str |
     if not spreads or (spread := sum(spreads) / len(spreads)) >= COLLAPSE_SPREAD:
         return None
     return (f"the encoder has collapsed (target_spread {spread:.3f} < {COLLAPSE_SPREAD:g}: its tokens are nearly one "
-            "vector, so a low JEPA loss says little); a slower teacher ([train] ema starting closer to 1, e.g. "
-            "0.9995 as the cpu recipe) or [model] var_reg / cov_reg work against it")
+            "vector, so a low JEPA loss says little); a predictor that carries content ([model] pred_distance_bias, "
+            "3 in the cpu recipe), a slower teacher ([train] ema starting closer to 1, e.g. 0.9995) or [model] "
+            "var_reg / cov_reg work against it")
 
 
 #: ``teacher_init`` above which the target encoder counts as mostly untrained.
