@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         m = pd.read_json(run / "metrics.jsonl", lines=True)
         print(f"pretraining {kind}: {steps} steps, loss {m['loss'].iloc[0]:.4f} -> {m['loss'].iloc[-1]:.4f}, "
               f"{m['tokens_per_s'].median():.0f} tokens/s (median)")
-    print(f"pretraining wall time (runs in parallel): {t_pre:.0f} s")
+    print(f"pretraining wall time ({len(procs)} run(s) trained at once, {args.pretrain_threads} thread(s) each): {t_pre:.0f} s")
 
     # -- evaluation: per target, the full comparison on the final MoE checkpoint, readouts only elsewhere
     moe_run, steps = runs["moe"]
