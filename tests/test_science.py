@@ -95,8 +95,8 @@ def test_token_similarity_readout_recovers_planted_coupling(briefly_pretrained):
                                        "readouts are no better than a random encoder's (ROI similarity 0.90 vs 0.89; with "
                                        "the distance-biased predictor 0.88 vs 0.89, content_gain -0.015; session 13, with "
                                        "diffusion-map gradients and I-JEPA's teacher, 0.69 vs 0.68 (tiny) and 0.65 vs 0.67 "
-                                       "(cpu recipe's model, 300 steps); session 14: the encoder's attention adds ~3 % to "
-                                       "each token (output norm 0.1-0.3 against ~6.5) while the predictor routes "
+                                       "(cpu recipe's model, 300 steps); session 14: the encoder's attention adds 3-7 % to "
+                                       "each token (output norm 0.1-0.46 against ~6.5) while the predictor routes "
                                        "between tokens, so the time-pooled per-ROI embeddings stay per-token features; "
                                        "benchmarks/README.md)")
 def test_per_roi_readout_of_pretrained_beats_random_encoder(briefly_pretrained):
