@@ -41,7 +41,10 @@ def connectivity_retention(feat_NF: np.ndarray, fc_NF: np.ndarray) -> dict[str, 
 
 
 def block_outputs(enc, samples, gradients_Rk: np.ndarray, n: int = 8) -> tuple[float, list[tuple[float, float]]]:
-    """Mean token-embedding norm and per-block (attention, feed-forward) output norms on ``n`` windows."""
+    """Mean token-embedding norm and per-block (attention, feed-forward) output norms on ``n`` windows.
+
+    Read with forward hooks on the encoder's own forward pass (the ViT's input, each block's ``attn`` and ``ffn``).
+    """
     import torch
 
     from pipeline.pretrain.masks import FMRICollator
@@ -51,20 +54,22 @@ def block_outputs(enc, samples, gradients_Rk: np.ndarray, n: int = 8) -> tuple[f
     collator = FMRICollator(cfg.fmri, cfg.moe, 0)
     batch = collator([{"x": torch.from_numpy(np.ascontiguousarray(x[:, :T], dtype=np.float32)), "subject": "s",
                        "task": "rest", "gradients": torch.from_numpy(gradients_Rk)} for x in samples.data[:n]], 0)
-    meta = {"subject": batch["subject"], "state": batch["state"]}
-    norms = []
-    with torch.no_grad():
-        B, R, _ = batch["x"].shape
-        pos_BLD = e.pos({"x": batch["x"], "gradients": batch["gradients"]})
-        h_BLD = e.patch_embed(batch["x"].reshape(B, -1, e.patch)) + pos_BLD
-        embed_norm = float(h_BLD.norm(dim=-1).mean())
-        for blk in e.vit.blocks:
-            a_BLD = blk.attn(blk.norm1(h_BLD), meta.get("pos_dist"))
-            h_BLD = h_BLD + a_BLD
-            f_BLD = blk.ffn(blk.norm2(h_BLD), meta)
-            h_BLD = h_BLD + f_BLD
-            norms.append((float(a_BLD.norm(dim=-1).mean()), float(f_BLD.norm(dim=-1).mean())))
-    return embed_norm, norms
+    norm: dict[object, float] = {}
+
+    def keep(module, out):
+        norm[module] = float(out.norm(dim=-1).mean())
+
+    handles = [e.vit.register_forward_pre_hook(lambda m, args: keep(m, args[0]))]
+    for blk in e.vit.blocks:
+        handles += [mod.register_forward_hook(lambda m, args, out: keep(m, out)) for mod in (blk.attn, blk.ffn)]
+    try:
+        with torch.no_grad():
+            e({"x": batch["x"], "gradients": batch["gradients"]}, None,
+              {"subject": batch["subject"], "state": batch["state"]})
+    finally:
+        for h in handles:
+            h.remove()
+    return norm[e.vit], [(norm[blk.attn], norm[blk.ffn]) for blk in e.vit.blocks]
 
 
 def main(argv: list[str] | None = None) -> None:
