@@ -77,6 +77,8 @@ class _ROILocalPredictor(Predictor):
     """The distance-biased predictor with every other ROI's context tokens pushed out of reach."""
 
     def forward(self, z_BCD, pos_BLP, ctx_BC, tgt_BM, meta):
+        if self.distance_bias <= 0:  # the other ROIs are pushed away through the distance bias
+            raise ValueError("the roi_local probe needs model.pred_distance_bias > 0")
         P = pos_BLP.shape[-1]
         pos_ctx_BCP, pos_tgt_BMP = gather_tokens(pos_BLP, ctx_BC), gather_tokens(pos_BLP, tgt_BM)
         pos_BNP = torch.cat([pos_ctx_BCP, pos_tgt_BMP], dim=1).float()
