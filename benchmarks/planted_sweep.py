@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -38,18 +37,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import pipeline.pretrain.fmri_jepa as fmri_jepa  # noqa: E402
 import pipeline.pretrain.masks as masks  # noqa: E402
-from pipeline.evaluation.embed import ShardSamples, embed_samples, load_encoder  # noqa: E402
+from benchmarks.readout_diagnostics import block_outputs  # noqa: E402
+from pipeline.evaluation.embed import embed_samples, load_encoder  # noqa: E402
 from pipeline.evaluation.readouts import readout_features  # noqa: E402
-from pipeline.pretrain.config import load_pretrain_config  # noqa: E402
 from pipeline.pretrain.train import Trainer  # noqa: E402
 from pipeline.pretrain.vit import Predictor, gather_tokens  # noqa: E402
-from tests.test_science import R, _auroc, planted  # noqa: E402
+from tests.test_science import R, _auroc, planted, planted_config, planted_inputs  # noqa: E402
 
 
 class _QKContentEncoder(fmri_jepa.FMRIEncoder):
@@ -117,50 +115,22 @@ VARIANTS = {
 }
 
 
-def _attention_share(enc, batch) -> tuple[float, float]:
-    """Mean per-token norm of the token embedding and the largest of the blocks' attention outputs."""
-    norms: list[float] = []
-    hooks = [b.attn.register_forward_hook(lambda _m, _i, out: norms.append(out.norm(dim=-1).mean().item()))
-             for b in enc.vit.blocks]
-    try:
-        with torch.no_grad():
-            x_BRT = batch["x"]
-            B, R_, T = x_BRT.shape
-            tok = enc.patch_embed(x_BRT.reshape(B, R_ * (T // enc.patch), enc.patch)) + enc.pos(batch)
-            enc(batch, None, {"subject": batch["subject"], "state": batch["state"]})
-    finally:
-        for h in hooks:
-            h.remove()
-    return tok.norm(dim=-1).mean().item(), max(norms)
-
-
 def run_one(name: str, seed: int, workdir: Path) -> dict[str, float]:
     steps, ema, model, probe = VARIANTS[name]
     data, y = planted(seed=seed)
     grads = np.random.default_rng(5 + seed).standard_normal((R, 4)).astype(np.float32)
-    cfg = load_pretrain_config("tiny")
-    cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, **model),
-        fmri=dataclasses.replace(cfg.fmri, num_frames=64, gradient_dim=4),
-        train=dataclasses.replace(cfg.train, batch_size=8, max_steps=steps, warmup_steps=10, checkpoint_every=steps,
-                                  lr=2e-3, log_every=50, seed=seed, ema=ema))
-    ds = [{"x": torch.from_numpy(x), "gradients": torch.from_numpy(grads), "subject": f"s{i}", "task": "rest"}
-          for i, x in enumerate(data)]
+    ds, samples = planted_inputs(data, grads)
     run = Path(tempfile.mkdtemp(prefix=f"{name}_{seed}_", dir=workdir))
-    ids = [f"s{i}" for i in range(len(data))]
-    samples = ShardSamples("fmri", "fmri-planted", [f"r{i}" for i in range(R)], grads, data,
-                           pd.DataFrame({"subject": ids, "sample_id": ids, "task": "rest"}), "planted")
     out: dict[str, float] = {}
     with _probe(probe):
-        trainer = Trainer(cfg, ds, run, progress=False)
-        trainer.fit()
-        probe_batch = trainer.collator(ds[:8], 0)
+        Trainer(planted_config(steps, seed, ema, **model), ds, run, progress=False).fit()
         for kind in ("pretrained", "random"):
             enc = load_encoder(run, random_init=kind == "random")
             e = embed_samples(enc, samples, gradients_Rk=grads, max_windows=2)
             for r in ("roi", "roi_similarity"):
                 out[f"{kind}_{r}"] = _auroc(readout_features(r, e.pooled_ND, e.tokens_NRD), y)
-            out[f"{kind}_embed"], out[f"{kind}_attn"] = _attention_share(enc.encoder, probe_batch)
+            out[f"{kind}_embed"], blocks = block_outputs(enc, samples, grads)
+            out[f"{kind}_attn"] = max(attn for attn, _ffn in blocks)
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     out["content_gain"] = float(last.get("content_gain", float("nan")))
     out["gain"] = max(out["pretrained_roi"], out["pretrained_roi_similarity"]) - max(out["random_roi"],

@@ -51,22 +51,34 @@ def _auroc(X: np.ndarray, y: np.ndarray) -> float:
     return classification_metrics(y, oof)["auroc"]
 
 
+def planted_config(steps: int = 150, seed: int = 0, ema: tuple[float, ...] | None = None, **model):
+    """The tiny config as the planted runs train it (``benchmarks/planted_sweep.py`` varies steps, ema, model)."""
+    cfg = load_pretrain_config("tiny")
+    train = {"batch_size": 8, "max_steps": steps, "warmup_steps": 10, "checkpoint_every": steps, "lr": 2e-3,
+             "log_every": 50, "seed": seed, **({"ema": ema} if ema is not None else {})}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model),
+                               fmri=dataclasses.replace(cfg.fmri, num_frames=64, gradient_dim=4),
+                               train=dataclasses.replace(cfg.train, **train))
+
+
+def planted_inputs(data: list[np.ndarray], grads: np.ndarray) -> tuple[list[dict], ShardSamples]:
+    """The planted series as a training dataset and as the evaluation's samples."""
+    ds = [{"x": torch.from_numpy(x), "gradients": torch.from_numpy(grads), "subject": f"s{i}", "task": "rest"}
+          for i, x in enumerate(data)]
+    ids = [f"s{i}" for i in range(len(data))]
+    samples = ShardSamples("fmri", "fmri-planted", [f"r{i}" for i in range(R)], grads, data,
+                           pd.DataFrame({"subject": ids, "sample_id": ids, "task": "rest"}), "planted")
+    return ds, samples
+
+
 @pytest.fixture(scope="module")
 def briefly_pretrained(tmp_path_factory):
     torch.set_num_threads(1)
     data, y = planted()
     grads = np.random.default_rng(5).standard_normal((R, 4)).astype(np.float32)
-    cfg = load_pretrain_config("tiny")
-    cfg = dataclasses.replace(cfg, fmri=dataclasses.replace(cfg.fmri, num_frames=64, gradient_dim=4),
-                              train=dataclasses.replace(cfg.train, batch_size=8, max_steps=150, warmup_steps=10,
-                                                        checkpoint_every=150, lr=2e-3, log_every=50))
-    ds = [{"x": torch.from_numpy(x), "gradients": torch.from_numpy(grads), "subject": f"s{i}", "task": "rest"}
-          for i, x in enumerate(data)]
+    ds, samples = planted_inputs(data, grads)
     run = tmp_path_factory.mktemp("planted_run")
-    Trainer(cfg, ds, run, progress=False).fit()
-    ids = [f"s{i}" for i in range(len(data))]
-    samples = ShardSamples("fmri", "fmri-planted", [f"r{i}" for i in range(R)], grads, data,
-                           pd.DataFrame({"subject": ids, "sample_id": ids, "task": "rest"}), "planted")
+    Trainer(planted_config(), ds, run, progress=False).fit()
     emb = {kind: embed_samples(load_encoder(run, random_init=kind == "random"), samples, gradients_Rk=grads, max_windows=2)
            for kind in ("pretrained", "random")}
     return data, y, emb, (run, samples, grads)
